@@ -1,0 +1,14 @@
+// Registration entry points of the extension's parts, called from module.cpp.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+namespace kvcore::bindings {
+
+namespace nb = nanobind;
+
+void register_errors(nb::module_& m);
+void register_runtime(nb::module_& m);
+void register_kv_cache(nb::module_& m);
+
+}  // namespace kvcore::bindings

@@ -1,0 +1,8 @@
+#include "bindings.h"
+
+NB_MODULE(_C, m) {
+  m.doc() = "kvcore native extension (use the `kvcore` package, not this module directly)";
+  kvcore::bindings::register_errors(m);
+  kvcore::bindings::register_runtime(m);
+  kvcore::bindings::register_kv_cache(m);
+}

@@ -1,0 +1,33 @@
+"""kvcore: the KV-cache memory core of an LLM serving engine.
+
+Arrays cross the boundary through DLPack, so numpy, torch, JAX and CuPy arrays all work; every op
+runs on the device its arrays live on (CPU or CUDA). Importing kvcore never imports torch and works
+on machines without a GPU or a CUDA driver: `cuda_status()` says why CUDA is unavailable.
+"""
+
+from . import _C
+from ._C import (
+    KVCoreError,
+    build_info,
+    cuda_status,
+    debug_checks,
+    num_threads,
+    set_debug_checks,
+    set_num_threads,
+)
+from .kv_cache import append_kv, copy_pages
+
+__version__: str = _C.build_info()["version"]
+
+__all__ = [
+    "KVCoreError",
+    "__version__",
+    "append_kv",
+    "build_info",
+    "copy_pages",
+    "cuda_status",
+    "debug_checks",
+    "num_threads",
+    "set_debug_checks",
+    "set_num_threads",
+]
