@@ -1,5 +1,7 @@
 #include "ndarray.h"
 
+#include <string>
+
 #include "kvcore/error.h"
 
 namespace kvcore::bindings {
@@ -15,8 +17,11 @@ DType convert_dtype(nb::dlpack::dtype dt, const char* name) {
     if (dt.code == uint8_t(Code::Int) && dt.bits == 64) return DType::Int64;
     if (dt.code == uint8_t(Code::UInt) && dt.bits == 8) return DType::UInt8;
   }
-  KVCORE_THROW(ErrorKind::Type, name, ": unsupported dtype (DLPack code ", int(dt.code), ", ", int(dt.bits),
-               " bits, ", int(dt.lanes), " lanes); kvcore takes float32, float16, bfloat16, int32, int64, uint8");
+  static const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  const char* kind = dt.code < sizeof(kinds) / sizeof(kinds[0]) ? kinds[dt.code] : "code";
+  KVCORE_THROW(ErrorKind::Type, name, ": unsupported dtype ", kind, int(dt.bits),
+               dt.lanes != 1 ? "x" + std::to_string(dt.lanes) : std::string(),
+               "; kvcore takes float32, float16, bfloat16, int32, int64 and uint8");
 }
 
 Device convert_device(int type, int id, const char* name) {

@@ -104,6 +104,46 @@ CopyPagesArgs make_copy_pages_args(const TensorView& src, const TensorView& dst,
   return a;
 }
 
+namespace {
+
+// A copy whose destination bytes overlap bytes another copy reads or writes would depend on the
+// copy order. Sweeps the byte ranges in address order; identical source and destination (a no-op
+// self copy) is exempt.
+void check_copy_pages_disjoint(const CopyPagesArgs& a) {
+  struct Span {
+    uintptr_t begin, end;
+    int64_t copy;
+    bool write;
+  };
+  std::vector<Span> spans;
+  spans.reserve(size_t(2 * a.num_copies));
+  for (int64_t i = 0; i < a.num_copies; ++i) {
+    const char* from = a.src + load_index(a.src_pages.data, a.src_pages.is_int64, a.src_pages.stride, i) * a.src_page_stride;
+    const char* to = a.dst + load_index(a.dst_pages.data, a.dst_pages.is_int64, a.dst_pages.stride, i) * a.dst_page_stride;
+    if (from == to) continue;
+    spans.push_back({uintptr_t(from), uintptr_t(from) + uintptr_t(a.page_bytes), i, false});
+    spans.push_back({uintptr_t(to), uintptr_t(to) + uintptr_t(a.page_bytes), i, true});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.begin < y.begin; });
+  Span last_read{0, 0, -1, false}, last_write{0, 0, -1, true};  // the earlier spans reaching furthest
+  for (const Span& s : spans) {
+    const Span* clash = nullptr;
+    if (last_write.end > s.begin) clash = &last_write;
+    else if (s.write && last_read.end > s.begin) clash = &last_read;
+    if (clash) {
+      const Span& w = s.write ? s : *clash;
+      const Span& o = s.write ? *clash : s;
+      KVCORE_THROW(ErrorKind::Value, "copy_pages: the destination of copy ", w.copy, " overlaps the ",
+                   o.write ? "destination" : "source", " of copy ", o.copy,
+                   " in memory (src and dst share memory); the result would depend on the copy order");
+    }
+    Span& last = s.write ? last_write : last_read;
+    if (s.end > last.end) last = s;
+  }
+}
+
+}  // namespace
+
 void validate_copy_pages_indices(const CopyPagesArgs& a) {
   std::vector<bool> dst_used(size_t(a.dst_num_pages), false);
   for (int64_t i = 0; i < a.num_copies; ++i) {
@@ -117,23 +157,7 @@ void validate_copy_pages_indices(const CopyPagesArgs& a) {
                        " appears more than once");
     dst_used[size_t(d)] = true;
   }
-  // Same memory on both sides: a destination that is also a source would make the result depend
-  // on the copy order.
-  const char* src_end = a.src + (a.src_num_pages - 1) * a.src_page_stride + a.page_bytes;
-  const char* dst_end = a.dst + (a.dst_num_pages - 1) * a.dst_page_stride + a.page_bytes;
-  const bool overlap = a.src_num_pages > 0 && a.dst_num_pages > 0 && a.src < dst_end && a.dst < src_end;
-  if (overlap && a.src == a.dst && a.src_page_stride == a.dst_page_stride) {
-    for (int64_t i = 0; i < a.num_copies; ++i) {
-      const int64_t s = load_index(a.src_pages.data, a.src_pages.is_int64, a.src_pages.stride, i);
-      KVCORE_CHECK_VALUE(!dst_used[size_t(s)] || s == load_index(a.dst_pages.data, a.dst_pages.is_int64,
-                                                                 a.dst_pages.stride, i),
-                         "copy_pages: src and dst are the same buffer and page ", s,
-                         " is both a source and a destination");
-    }
-  } else {
-    KVCORE_CHECK_VALUE(!overlap || a.num_copies == 0,
-                       "copy_pages: src and dst overlap in memory with different layouts");
-  }
+  check_copy_pages_disjoint(a);
 }
 
 }  // namespace kvcore

@@ -39,6 +39,7 @@ int64_t TensorView::numel() const {
 }
 
 bool TensorView::inner_contiguous(int dims) const {
+  if (numel() == 0) return true;  // empty arrays carry arbitrary strides
   int64_t expected = 1;
   for (int i = ndim - 1; i >= ndim - dims && i >= 0; --i) {
     // A dimension of size 1 may carry any stride.

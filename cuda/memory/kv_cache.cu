@@ -68,9 +68,9 @@ __global__ void copy_pages_kernel(CopyPagesArgs a, DeviceErrorReport* report) {
     }
     return;
   }
-  if (a.src == a.dst && s == d) return;
   const Vec* src = reinterpret_cast<const Vec*>(a.src + s * a.src_page_stride);
   Vec* dst = reinterpret_cast<Vec*>(a.dst + d * a.dst_page_stride);
+  if (static_cast<const void*>(src) == dst) return;
   const int64_t n = a.page_bytes / int64_t(sizeof(Vec));
   const int64_t step = int64_t(gridDim.y) * blockDim.x;
   int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -140,19 +140,22 @@ void copy_pages_cuda(const CopyPagesArgs& args, StreamHandle stream_handle) {
     // Page lists on the host: validate them, then one 2-D DMA copy per run of consecutive pages.
     validate_copy_pages_indices(args);
     const IndexArray &sp = args.src_pages, &dp = args.dst_pages;
+    auto src_at = [&](int64_t i) { return args.src + load_index(sp.data, sp.is_int64, sp.stride, i) * args.src_page_stride; };
+    auto dst_at = [&](int64_t i) { return args.dst + load_index(dp.data, dp.is_int64, dp.stride, i) * args.dst_page_stride; };
     int64_t i = 0;
     while (i < args.num_copies) {
-      const int64_t s0 = load_index(sp.data, sp.is_int64, sp.stride, i);
-      const int64_t d0 = load_index(dp.data, dp.is_int64, dp.stride, i);
-      int64_t run = 1;
-      while (i + run < args.num_copies && load_index(sp.data, sp.is_int64, sp.stride, i + run) == s0 + run &&
-             load_index(dp.data, dp.is_int64, dp.stride, i + run) == d0 + run)
-        ++run;
-      if (!(args.src == args.dst && s0 == d0)) {
-        KVCORE_CUDA_CHECK(cudaMemcpy2DAsync(args.dst + d0 * args.dst_page_stride, size_t(args.dst_page_stride),
-                                            args.src + s0 * args.src_page_stride, size_t(args.src_page_stride),
-                                            size_t(args.page_bytes), size_t(run), cudaMemcpyDefault, stream));
+      const char* from = src_at(i);
+      char* to = dst_at(i);
+      if (from == to) {  // a self copy is a no-op
+        ++i;
+        continue;
       }
+      int64_t run = 1;
+      while (i + run < args.num_copies && src_at(i + run) == from + run * args.src_page_stride &&
+             dst_at(i + run) == to + run * args.dst_page_stride && src_at(i + run) != dst_at(i + run))
+        ++run;
+      KVCORE_CUDA_CHECK(cudaMemcpy2DAsync(to, size_t(args.dst_page_stride), from, size_t(args.src_page_stride),
+                                          size_t(args.page_bytes), size_t(run), cudaMemcpyDefault, stream));
       i += run;
     }
     return;
