@@ -23,6 +23,8 @@ void register_runtime(nb::module_& m) {
     CudaStatus s = cuda_status();
     return std::make_tuple(s.available, s.reason);
   }, "(available, reason): whether CUDA ops can run here, and why not. Never raises.");
+  m.def("_require_cuda", [](const std::string& op) { require_cuda(op.c_str()); },
+        "Raises KVCoreError with cuda_status()'s reason when CUDA cannot be used.");
   m.def("cuda_device_count", [] { return cuda_status().device_count; });
   m.def("debug_checks", &debug_checks, "Whether CUDA kernels report out-of-range indices (KVCORE_DEBUG).");
   m.def("set_debug_checks", &set_debug_checks, nb::arg("enabled"));

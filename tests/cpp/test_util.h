@@ -32,7 +32,7 @@ inline const char* kind_name(ErrorKind kind) {
 // Passes when fn() throws kvcore::Error of `kind` whose message contains every one of `parts`.
 // Use as EXPECT_TRUE(throws_error(...)) so a failure reports what was thrown instead.
 template <typename Fn>
-::testing::AssertionResult throws_error(Fn&& fn, ErrorKind kind, std::initializer_list<std::string> parts) {
+::testing::AssertionResult throws_error(Fn&& fn, ErrorKind kind, const std::vector<std::string>& parts) {
   try {
     fn();
   } catch (const Error& e) {
