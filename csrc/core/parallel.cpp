@@ -23,9 +23,17 @@ int default_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// One job at a time: the caller publishes a job, workers and the caller pull chunks from a shared
-// counter, the caller waits until every chunk has finished.
+// One job at a time. Each job owns its counters, so a worker that wakes late and still holds the
+// previous job only sees that job's exhausted counter, never the next job's.
 class Pool {
+  struct Job {
+    const std::function<void(int64_t)>* fn;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};
+    int64_t pending;  // guarded by Pool::mu_
+    std::exception_ptr error;  // guarded by Pool::mu_
+  };
+
  public:
   explicit Pool(int threads) {
     for (int i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -42,64 +50,63 @@ class Pool {
 
   void run(int64_t chunks, const std::function<void(int64_t)>& chunk_fn) {
     std::lock_guard<std::mutex> job_lock(job_mu_);  // serializes callers from different threads
+    auto job = std::make_shared<Job>();
+    job->fn = &chunk_fn;
+    job->chunks = chunks;
+    job->pending = chunks;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &chunk_fn;
-      chunks_ = chunks;
-      next_.store(0);
-      pending_ = chunks;
-      error_ = nullptr;
+      job_ = job;
       ++generation_;
     }
     wake_.notify_all();
-    work();
+    work(*job);
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    done_.wait(lock, [&] { return job->pending == 0; });
+    job_.reset();
+    if (job->error) std::rethrow_exception(job->error);
   }
 
  private:
-  void work() {
+  void work(Job& job) {
     int64_t finished = 0;
-    for (int64_t c; (c = next_.fetch_add(1)) < chunks_;) {
+    std::exception_ptr error;
+    for (int64_t c; (c = job.next.fetch_add(1)) < job.chunks;) {
       try {
-        (*fn_)(c);
+        (*job.fn)(c);
       } catch (...) {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!error_) error_ = std::current_exception();
+        if (!error) error = std::current_exception();
       }
       ++finished;
     }
     if (finished) {
       std::lock_guard<std::mutex> lock(mu_);
-      pending_ -= finished;
-      if (pending_ == 0) done_.notify_all();
+      if (error && !job.error) job.error = error;
+      job.pending -= finished;
+      if (job.pending == 0) done_.notify_all();
     }
   }
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
-        if (!fn_) continue;
+        job = job_;
       }
-      work();
+      if (job) work(*job);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex job_mu_, mu_;
   std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t chunks_ = 0, pending_ = 0;
-  std::atomic<int64_t> next_{0};
+  std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
   bool stop_ = false;
-  std::exception_ptr error_;
 };
 
 std::mutex g_pool_mu;
@@ -132,7 +139,8 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     return;
   }
   std::shared_ptr<Pool> p = pool();
-  int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, int64_t(p->size()) * 4);
+  // At most n / grain chunks, so every chunk but the last holds at least `grain` items.
+  int64_t chunks = std::min<int64_t>(n / grain, int64_t(p->size()) * 4);
   if (chunks <= 1 || p->size() == 1) {
     fn(0, n);
     return;

@@ -60,7 +60,7 @@ void check_ndim(const TensorView& t, int ndim);
 void check_dim(const TensorView& t, int dim, int64_t expected, const char* what);
 void check_inner_contiguous(const TensorView& t, int dims);
 void check_same_device(const TensorView& t, const TensorView& ref);
-// Fully contiguous 1-D index array of int32 or int64.
+// A 1-D index array of int32 or int64 (any stride).
 void check_index_array(const TensorView& t);
 
 }  // namespace kvcore

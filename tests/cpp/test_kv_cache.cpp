@@ -6,6 +6,8 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "kvcore/kv_cache.h"
@@ -163,16 +165,16 @@ std::ostream& operator<<(std::ostream& os, const AppendShape& s) {
 }
 
 // Distinct slots for `tokens` tokens (so the result does not depend on write order), about one in
-// five negative (skipped).
+// five negative (skipped) except the first, so something is always written.
 template <typename Index>
 std::vector<Index> random_slots(int64_t tokens, int64_t capacity, std::mt19937& rng) {
-  std::vector<Index> all(size_t(capacity));
+  std::vector<Index> all(static_cast<size_t>(capacity));
   std::iota(all.begin(), all.end(), Index(0));
   std::shuffle(all.begin(), all.end(), rng);
   std::vector<Index> slots(all.begin(), all.begin() + tokens);
   std::uniform_int_distribution<int> fifth(0, 4);
-  for (Index& s : slots)
-    if (fifth(rng) == 0) s = Index(-1 - s);  // a range of negative values, not only -1
+  for (size_t i = 1; i < slots.size(); ++i)
+    if (fifth(rng) == 0) slots[i] = Index(-1 - slots[i]);  // a range of negative values, not only -1
   return slots;
 }
 
@@ -302,7 +304,7 @@ TEST(AppendKVCpu, LastSlotIsInRangeAndNegativeSlotsAreSkipped) {
   const uint32_t seed = test::random_seed();
   SCOPED_TRACE(test::seed_trace(seed));
   SmallAppend a(seed);
-  a.slots = {11, -1, int64_t(-1) << 40, 0};
+  a.slots = {11, -1, -(int64_t(1) << 40), 0};
   const std::vector<float> k_before = a.k_cache;
   a.run();
   EXPECT_TRUE(a.k_stored_at(0, 11));
@@ -481,7 +483,7 @@ void check_copy_pages_against_reference(int64_t src_count, int64_t dst_count, in
   const std::vector<T> src_before = src.buffer;
 
   // Distinct destinations covering most but not all of dst; sources may repeat.
-  std::vector<Index> dst_pages(size_t(dst_count));
+  std::vector<Index> dst_pages(static_cast<size_t>(dst_count));
   std::iota(dst_pages.begin(), dst_pages.end(), Index(0));
   std::shuffle(dst_pages.begin(), dst_pages.end(), rng);
   dst_pages.resize(size_t(std::max<int64_t>(1, dst_count * 3 / 4)));
@@ -569,88 +571,124 @@ TEST(CopyPagesCpu, StridedPageLists) {
   EXPECT_TRUE(same_bytes(c.dst.buffer, expected));
 }
 
-// Same buffer as src and dst (defragmenting a pool in place).
-class CopyPagesSameBuffer : public ::testing::Test {
+// src and dst sharing memory (defragmenting a pool in place, or moving pages between the K and V
+// halves of one buffer). validate_copy_pages_indices rejects a copy whose destination bytes
+// overlap bytes another copy (or its own source) touches; a page copied onto itself is a no-op.
+class CopyPagesSharedMemory : public ::testing::Test {
  protected:
   void SetUp() override {
     seed_ = test::random_seed();
     std::mt19937 rng(seed_);
     pool_ = random_pages<uint16_t>(8, 4, 16, 64, rng);
+    before_ = pool_.buffer;
   }
-  void copy(std::vector<int64_t> src_pages, std::vector<int64_t> dst_pages) {
-    copy_pages_cpu(make_copy_pages_args(pool_.view("src"), pool_.view("dst"), index_view("src_pages", src_pages),
-                                        index_view("dst_pages", dst_pages)));
+  void copy(const TensorView& src, const TensorView& dst, std::vector<int64_t> src_pages,
+            std::vector<int64_t> dst_pages) {
+    copy_pages_cpu(make_copy_pages_args(src, dst, index_view("src_pages", src_pages), index_view("dst_pages", dst_pages)));
+  }
+  void copy_within_pool(std::vector<int64_t> src_pages, std::vector<int64_t> dst_pages) {
+    copy(pool_.view("src"), pool_.view("dst"), std::move(src_pages), std::move(dst_pages));
+  }
+  // The pool viewed from `offset` elements in, with `pages` pages `page_stride` elements apart.
+  TensorView pool_view(const char* name, int64_t offset, int64_t pages, int64_t page_stride) {
+    TensorView t = pool_.view(name);
+    t.data = pool_.buffer.data() + offset;
+    t.shape[0] = pages;
+    t.strides[0] = page_stride;
+    return t;
   }
   uint32_t seed_ = 0;
   PageBuffer<uint16_t> pool_;
+  std::vector<uint16_t> before_;
 };
 
-TEST_F(CopyPagesSameBuffer, DisjointSourcesAndDestinationsAreAllowed) {
+TEST_F(CopyPagesSharedMemory, DisjointSourcesAndDestinationsAreAllowed) {
   SCOPED_TRACE(test::seed_trace(seed_));
-  // Compact pages 5, 7, 6 into 0, 1, 2 (order of the lists does not matter).
+  // Compact pages 5, 7, 6 into 0, 1, 2 (the lists need not be sorted).
   const std::vector<uint16_t> expected =
       reference_copy(pool_, pool_, std::vector<int64_t>{5, 7, 6}, std::vector<int64_t>{0, 1, 2});
-  copy({5, 7, 6}, {0, 1, 2});
+  copy_within_pool({5, 7, 6}, {0, 1, 2});
   EXPECT_TRUE(same_bytes(pool_.buffer, expected));
 }
 
-TEST_F(CopyPagesSameBuffer, CopyingAPageOntoItselfIsAllowedAndKeepsIt) {
+TEST_F(CopyPagesSharedMemory, CopyingAPageOntoItselfIsAllowedAndKeepsIt) {
   SCOPED_TRACE(test::seed_trace(seed_));
+  // Page 3 onto itself, and page 3 read again by another copy: both fine, 3 does not change.
   const std::vector<uint16_t> expected =
-      reference_copy(pool_, pool_, std::vector<int64_t>{3, 4}, std::vector<int64_t>{3, 0});
-  copy({3, 4}, {3, 0});
+      reference_copy(pool_, pool_, std::vector<int64_t>{3, 4, 3}, std::vector<int64_t>{3, 0, 7});
+  copy_within_pool({3, 4, 3}, {3, 0, 7});
   EXPECT_TRUE(same_bytes(pool_.buffer, expected));
 }
 
-TEST_F(CopyPagesSameBuffer, APageThatIsBothSourceAndDestinationIsRejected) {
+TEST_F(CopyPagesSharedMemory, APageThatIsBothSourceAndDestinationIsRejected) {
   SCOPED_TRACE(test::seed_trace(seed_));
-  const std::vector<uint16_t> before = pool_.buffer;
   // 1 -> 2 and 2 -> 3: the result would depend on which copy runs first.
-  EXPECT_TRUE(throws_error([&] { copy({1, 2}, {2, 3}); }, ErrorKind::Value,
-                           {"src and dst are the same buffer and page 2 is both a source and a destination"}));
+  EXPECT_TRUE(throws_error([&] { copy_within_pool({1, 2}, {2, 3}); }, ErrorKind::Value,
+                           {"copy_pages: the destination of copy 0 overlaps the source of copy 1 in memory",
+                            "the result would depend on the copy order"}));
   // A swap is rejected the same way.
-  EXPECT_TRUE(throws_error([&] { copy({4, 6}, {6, 4}); }, ErrorKind::Value, {"is both a source and a destination"}));
-  EXPECT_TRUE(same_bytes(pool_.buffer, before));
+  EXPECT_TRUE(throws_error([&] { copy_within_pool({4, 6}, {6, 4}); }, ErrorKind::Value,
+                           {"overlaps the source of copy"}));
+  EXPECT_TRUE(same_bytes(pool_.buffer, before_));
 }
 
-TEST_F(CopyPagesSameBuffer, OverlapWithADifferentLayoutIsRejected) {
+TEST_F(CopyPagesSharedMemory, PartialOverlapWithAShiftedViewIsRejected) {
   SCOPED_TRACE(test::seed_trace(seed_));
-  const std::vector<uint16_t> before = pool_.buffer;
-  // dst starts half a page into the same memory: pages partially overlap.
-  TensorView shifted = pool_.view("dst");
-  shifted.data = pool_.buffer.data() + 32;
-  shifted.shape[0] = 7;
-  std::vector<int64_t> src_pages = {0}, dst_pages = {6};
-  EXPECT_TRUE(throws_error(
-      [&] {
-        copy_pages_cpu(make_copy_pages_args(pool_.view("src"), shifted, index_view("src_pages", src_pages),
-                                            index_view("dst_pages", dst_pages)));
-      },
-      ErrorKind::Value, {"src and dst overlap in memory with different layouts"}));
-  EXPECT_TRUE(same_bytes(pool_.buffer, before));
+  // dst starts half a page (32 elements) into the pool: dst page 0 straddles pool pages 0 and 1.
+  TensorView shifted = pool_view("dst", 32, 7, 64);
+  EXPECT_TRUE(throws_error([&] { copy(pool_.view("src"), shifted, {0}, {0}); }, ErrorKind::Value,
+                           {"the destination of copy 0 overlaps the source of copy 0"}));
+  EXPECT_TRUE(throws_error([&] { copy(pool_.view("src"), shifted, {7, 3}, {6, 2}); }, ErrorKind::Value,
+                           {"overlaps the source of copy"}));
+  EXPECT_TRUE(same_bytes(pool_.buffer, before_));
   // Nothing to copy is fine even with overlapping buffers.
-  std::vector<int64_t> none;
-  EXPECT_NO_THROW(copy_pages_cpu(make_copy_pages_args(pool_.view("src"), shifted, index_view("src_pages", none),
-                                                      index_view("dst_pages", none))));
-  EXPECT_TRUE(same_bytes(pool_.buffer, before));
+  EXPECT_NO_THROW(copy(pool_.view("src"), shifted, {}, {}));
+  EXPECT_TRUE(same_bytes(pool_.buffer, before_));
 }
 
-// Disabled: validate_copy_pages_indices (csrc/core/kv_cache.cpp) indexes dst_used[src page] in the
-// same-buffer branch, reading past the vector when src has more pages than dst (ASan:
-// heap-buffer-overflow; otherwise a spurious or missed rejection). Re-enable once the check is
-// guarded with `s < a.dst_num_pages`.
-TEST_F(CopyPagesSameBuffer, DISABLED_SourceViewLongerThanDestinationView) {
+TEST_F(CopyPagesSharedMemory, DisjointBytesInAShiftedViewAreAllowed) {
   SCOPED_TRACE(test::seed_trace(seed_));
+  // Shifted dst page 6 covers pool elements [416, 480); pool page 0 is [0, 64).
+  TensorView shifted = pool_view("dst", 32, 7, 64);
+  copy(pool_.view("src"), shifted, {0}, {6});
+  std::vector<uint16_t> expected = before_;
+  std::copy_n(before_.begin(), 64, expected.begin() + 416);
+  EXPECT_TRUE(same_bytes(pool_.buffer, expected));
+}
+
+TEST_F(CopyPagesSharedMemory, OverlappingDestinationsAreRejected) {
+  SCOPED_TRACE(test::seed_trace(seed_));
+  // dst pages only half a page apart: distinct page numbers, overlapping bytes.
   std::mt19937 rng(seed_);
-  // dst is the first 2 pages of a 200-page pool; src is the whole pool (same base, same stride).
-  PageBuffer<uint16_t> big = random_pages<uint16_t>(200, 2, 8, 16, rng);
-  std::vector<int64_t> src_pages = {150, 199}, dst_pages = {0, 1};
-  const std::vector<uint16_t> expected = reference_copy(big, big, src_pages, dst_pages);
-  TensorView dst = big.view("dst");
-  dst.shape[0] = 2;
-  copy_pages_cpu(make_copy_pages_args(big.view("src"), dst, index_view("src_pages", src_pages),
-                                      index_view("dst_pages", dst_pages)));
-  EXPECT_TRUE(same_bytes(big.buffer, expected));
+  PageBuffer<uint16_t> other = random_pages<uint16_t>(2, 4, 16, 64, rng);
+  TensorView half_strided = pool_view("dst", 0, 15, 32);
+  EXPECT_TRUE(throws_error([&] { copy(other.view("src"), half_strided, {0, 1}, {4, 5}); }, ErrorKind::Value,
+                           {"the destination of copy 1 overlaps the destination of copy 0"}));
+  EXPECT_TRUE(same_bytes(pool_.buffer, before_));
+  copy(other.view("src"), half_strided, {0, 1}, {4, 6});  // two apart: [128, 192) and [192, 256)
+  std::vector<uint16_t> expected = before_;
+  std::copy_n(other.buffer.begin(), 128, expected.begin() + 128);
+  EXPECT_TRUE(same_bytes(pool_.buffer, expected));
+}
+
+TEST_F(CopyPagesSharedMemory, KHalfToVHalfOfOneBuffer) {
+  SCOPED_TRACE(test::seed_trace(seed_));
+  // The pool as [4 pages, 2 (K, V), 4, 16]: K and V halves interleave but never share bytes.
+  TensorView k_half = pool_view("src", 0, 4, 128), v_half = pool_view("dst", 64, 4, 128);
+  copy(k_half, v_half, {2, 3, 0}, {2, 1, 3});
+  std::vector<uint16_t> expected = before_;
+  const int64_t moves[][2] = {{2, 2}, {3, 1}, {0, 3}};  // {K page, V page}
+  for (const auto& move : moves) std::copy_n(before_.begin() + move[0] * 128, 64, expected.begin() + move[1] * 128 + 64);
+  EXPECT_TRUE(same_bytes(pool_.buffer, expected));
+}
+
+TEST_F(CopyPagesSharedMemory, SourceViewLongerThanDestinationView) {
+  SCOPED_TRACE(test::seed_trace(seed_));
+  // dst is the first 2 pages of the pool, src the whole pool (same base, same stride).
+  const std::vector<uint16_t> expected =
+      reference_copy(pool_, pool_, std::vector<int64_t>{6, 7}, std::vector<int64_t>{0, 1});
+  copy(pool_.view("src"), pool_view("dst", 0, 2, 64), {6, 7}, {0, 1});
+  EXPECT_TRUE(same_bytes(pool_.buffer, expected));
 }
 
 }  // namespace

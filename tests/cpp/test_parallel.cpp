@@ -50,10 +50,12 @@ std::vector<Chunk> run_and_check_coverage(int64_t n, int64_t grain) {
 }
 
 TEST_F(ParallelFor, CoversRangeExactlyOnce) {
+  const int64_t sizes[] = {0, 1, 2, 3, 7, 9, 10, 64, 1000, 4097, 100003};
+  const int64_t grains[] = {-5, 0, 1, 3, 4, 16, 1000, int64_t(1) << 40};  // <= 0 means 1
   for (int threads : {1, 3, 0}) {
     set_num_threads(threads);
-    for (int64_t n : {0, 1, 2, 3, 7, 9, 10, 64, 1000, 4097, 100003})
-      for (int64_t grain : {-5, 0, 1, 3, 4, 16, 1000, int64_t(1) << 40}) {
+    for (int64_t n : sizes)
+      for (int64_t grain : grains) {
         SCOPED_TRACE(::testing::Message() << "threads=" << num_threads() << " n=" << n << " grain=" << grain);
         std::vector<Chunk> chunks = run_and_check_coverage(n, grain);
         if (n == 0) {
@@ -75,7 +77,7 @@ TEST_F(ParallelFor, CoversRangeExactlyOnce) {
 // Disabled: parallel.h promises "chunks of at least `grain` items", but parallel.cpp rounds the
 // chunk count up (ceil(n / grain)), so e.g. n=9, grain=4 runs three chunks of 3. Re-enable once
 // the chunk count is floor(n / grain).
-TEST_F(ParallelFor, DISABLED_ChunksHoldAtLeastGrainItems) {
+TEST_F(ParallelFor, ChunksHoldAtLeastGrainItems) {
   set_num_threads(3);
   for (int64_t n : {9, 10, 50, 1000, 4097})
     for (int64_t grain : {2, 3, 4, 7, 100}) {
@@ -193,7 +195,7 @@ TEST_F(ParallelFor, ConcurrentCallersAreSerializedCorrectly) {
     callers.emplace_back([&, c] {
       for (int round = 0; round < 200; ++round) {
         const int64_t n = 100 + 37 * c + round;
-        std::vector<std::atomic<int>> visits(size_t(n));
+        std::vector<std::atomic<int>> visits(static_cast<size_t>(n));
         parallel_for(n, 1 + round % 5, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) visits[size_t(i)].fetch_add(1);
         });
