@@ -35,8 +35,8 @@ void append_kv_cpu(const AppendKVArgs& a) {
     for (int64_t h = 0; h < a.heads; ++h)
       std::memcpy(dst + size_t(h) * row_bytes, from + h * head_stride * es, row_bytes);
   };
-  // Chunks of at least ~256 KiB of K+V: below that, waking workers costs more than it saves.
-  parallel_for(a.tokens, std::max<int64_t>(1, (256 << 10) / (2 * a.heads * int64_t(row_bytes) + 1)),
+  // Chunks of at least ~1 MiB of K+V: below that, waking workers costs more than it saves.
+  parallel_for(a.tokens, std::max<int64_t>(1, (1 << 20) / (2 * a.heads * int64_t(row_bytes) + 1)),
                [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = load_index(sm.data, sm.is_int64, sm.stride, t);
