@@ -10,5 +10,6 @@ namespace nb = nanobind;
 void register_errors(nb::module_& m);
 void register_runtime(nb::module_& m);
 void register_kv_cache(nb::module_& m);
+void register_memory(nb::module_& m);
 
 }  // namespace kvcore::bindings

@@ -5,4 +5,5 @@ NB_MODULE(_C, m) {
   kvcore::bindings::register_errors(m);
   kvcore::bindings::register_runtime(m);
   kvcore::bindings::register_kv_cache(m);
+  kvcore::bindings::register_memory(m);
 }

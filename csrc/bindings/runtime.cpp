@@ -5,6 +5,7 @@
 #include "bindings.h"
 #include "kvcore/parallel.h"
 #include "kvcore/runtime.h"
+#include "kvcore/tensor.h"
 
 namespace kvcore::bindings {
 
@@ -25,6 +26,8 @@ void register_runtime(nb::module_& m) {
   }, "(available, reason): whether CUDA ops can run here, and why not. Never raises.");
   m.def("_require_cuda", [](const std::string& op) { require_cuda(op.c_str()); },
         "Raises KVCoreError with cuda_status()'s reason when CUDA cannot be used.");
+  m.def("dtype_size", [](const std::string& name) { return dtype_size(parse_dtype(name)); }, nb::arg("dtype"),
+        "Bytes per element of a kvcore dtype name (TypeError for unsupported ones).");
   m.def("cuda_device_count", [] { return cuda_status().device_count; });
   m.def("debug_checks", &debug_checks, "Whether CUDA kernels report out-of-range indices (KVCORE_DEBUG).");
   m.def("set_debug_checks", &set_debug_checks, nb::arg("enabled"));

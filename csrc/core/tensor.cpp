@@ -28,6 +28,27 @@ size_t dtype_size(DType dtype) {
   return 0;
 }
 
+DType parse_dtype(const std::string& name) {
+  std::string n = name.rfind("torch.", 0) == 0 ? name.substr(6) : name;
+  if (n == "float32" || n == "float") return DType::Float32;
+  if (n == "float16" || n == "half") return DType::Float16;
+  if (n == "bfloat16") return DType::BFloat16;
+  if (n == "int32") return DType::Int32;
+  if (n == "int64" || n == "long") return DType::Int64;
+  if (n == "uint8") return DType::UInt8;
+  KVCORE_THROW(ErrorKind::Type, "dtype: unsupported dtype '", name,
+               "' (expected float32, float16, bfloat16, int32, int64 or uint8)");
+}
+
+Device parse_device(const std::string& name) {
+  if (name == "cpu") return {DeviceType::CPU, 0};
+  if (name == "cuda") return {DeviceType::CUDA, 0};
+  if (name.rfind("cuda:", 0) == 0 && name.size() > 5 &&
+      name.find_first_not_of("0123456789", 5) == std::string::npos && name.size() < 10)
+    return {DeviceType::CUDA, std::stoi(name.substr(5))};
+  KVCORE_THROW(ErrorKind::Value, "device: expected 'cpu', 'cuda' or 'cuda:N', got '", name, "'");
+}
+
 std::string Device::str() const {
   return is_cuda() ? "cuda:" + std::to_string(index) : std::string("cpu");
 }

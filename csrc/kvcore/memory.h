@@ -132,7 +132,12 @@ class VirtualTensor {
   // Physical page id behind `page` (-1 when not mapped): equal ids mean shared memory.
   int64_t physical_page(int64_t page) const;
 
-  // Unmaps everything and releases the address range; any later use throws KVCoreError.
+  // A token held by every exported view (DLPack): the tensor cannot be freed while one lives, and
+  // its state lives as long as the token.
+  std::shared_ptr<void> retain_view() const;
+
+  // Unmaps everything and releases the address range; any later use throws KVCoreError. Refused
+  // (KVCoreError) while views exported with retain_view() are alive.
   void free(StreamHandle stream = 0);
   bool is_freed() const;
 

@@ -14,6 +14,8 @@ enum class DType : uint8_t { Float32, Float16, BFloat16, Int32, Int64, UInt8 };
 
 const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
+// "float16", "half", "bfloat16", "float32", "int32", "int64", "uint8" (a "torch." prefix is ignored).
+DType parse_dtype(const std::string& name);
 
 enum class DeviceType : uint8_t { CPU, CUDA };
 
@@ -25,6 +27,8 @@ struct Device {
   bool operator!=(const Device& o) const { return !(*this == o); }
   std::string str() const;
 };
+// "cpu", "cuda" (device 0) or "cuda:N".
+Device parse_device(const std::string& name);
 
 constexpr int kMaxDims = 8;
 

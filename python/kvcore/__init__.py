@@ -16,11 +16,16 @@ from ._C import (
     set_num_threads,
 )
 from .kv_cache import append_kv, copy_pages
+from .memory import Arena, PagePool, Transfer, VirtualTensor
 
 __version__: str = _C.build_info()["version"]
 
 __all__ = [
+    "Arena",
     "KVCoreError",
+    "PagePool",
+    "Transfer",
+    "VirtualTensor",
     "__version__",
     "append_kv",
     "build_info",
