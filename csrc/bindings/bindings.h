@@ -11,5 +11,6 @@ void register_errors(nb::module_& m);
 void register_runtime(nb::module_& m);
 void register_kv_cache(nb::module_& m);
 void register_memory(nb::module_& m);
+void register_attention(nb::module_& m);
 
 }  // namespace kvcore::bindings

@@ -15,6 +15,7 @@ from ._C import (
     set_debug_checks,
     set_num_threads,
 )
+from .attention import merge_states, paged_decode, paged_prefill, shared_prefix_decode, shared_prefix_prefill
 from .kv_cache import append_kv, copy_pages
 from .memory import Arena, PagePool, Transfer, VirtualTensor
 
@@ -32,7 +33,12 @@ __all__ = [
     "copy_pages",
     "cuda_status",
     "debug_checks",
+    "merge_states",
     "num_threads",
+    "paged_decode",
+    "paged_prefill",
     "set_debug_checks",
     "set_num_threads",
+    "shared_prefix_decode",
+    "shared_prefix_prefill",
 ]

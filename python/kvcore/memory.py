@@ -25,6 +25,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 from . import _C
+from ._arrays import dtype_name as _dtype_name
 from ._streams import resolve_stream
 
 __all__ = ["Arena", "PagePool", "Transfer", "VirtualTensor"]
@@ -40,18 +41,6 @@ def _device_name(device: Any) -> str:
     if type(device).__module__ == "torch" and type(device).__name__ == "device":  # torch.device
         return device.type if device.index is None else f"{device.type}:{device.index}"
     raise TypeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _dtype_name(dtype: Any) -> str:
-    """'bfloat16', numpy dtypes/types and torch dtypes all map to kvcore's dtype names."""
-    if isinstance(dtype, str):
-        return dtype
-    name = getattr(dtype, "name", None)  # numpy dtype
-    if name is None and isinstance(dtype, type):
-        name = getattr(dtype, "__name__", None)  # numpy scalar type such as np.float16
-    if name is None:
-        name = str(dtype)  # torch.bfloat16 -> "torch.bfloat16"
-    return name
 
 
 def _stream_for(stream: Any, device: str) -> int:
