@@ -1,10 +1,10 @@
 // CUDA backend of the attention family.
 //
-// One kernel shape serves decode, prefill/extend and the prefix pass of shared-prefix attention:
-// a CTA takes up to kMaxRows query rows that share one KV head and one KV sequence (the GQA group
-// of a decode token, or a few prefill tokens x their group) and streams that sequence's visible
-// keys once, its warps splitting the keys; lanes split head_dim, so each K/V row is read with
-// coalesced vector loads. Long sequences are split across CTAs (split-KV) into float partial
+// Decode (memory-bound) runs on CUDA cores: a CTA takes the GQA group of one request's KV head (up
+// to kMaxRows query rows) and streams the visible keys once, its warps splitting the keys and its
+// lanes splitting head_dim, so each K/V row is read with coalesced vector loads. Prefill/extend and
+// the stacked-query prefix pass of shared-prefix attention run on tensor cores (prefill_tc.cuh):
+// 64 query rows per CTA against shared-memory K/V tiles. Long sequences are split across CTAs (split-KV) into float partial
 // states that a merge kernel combines in a fixed order (deterministic). The split count depends
 // only on host-known shapes and the SM count, work lists are built on the device, and scratch
 // memory comes from the stream-ordered allocator, so no op synchronizes with the host and every
@@ -21,6 +21,7 @@
 #include "kvcore/cuda_utils.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
+#include "prefill_tc.cuh"
 
 namespace kvcore {
 namespace {
@@ -204,6 +205,36 @@ __global__ void build_tiles_kernel(const int32_t* cu_seqlens_q, int batch, int t
   tile_offsets[batch] = total;
 }
 
+// Which request and query tokens a tile covers (decode: tile = request). Tiles past the last one,
+// and requests whose length exceeds their block table, are skipped (reported in debug mode).
+struct TileRequest {
+  int skip, b, first, q_len, t0, seq;
+};
+__device__ TileRequest locate_tile(const AttentionArgs& a, const int32_t* tile_offsets, int tokens_per_tile, int tile,
+                                   DeviceErrorReport* report) {
+  TileRequest r{0, tile, tile, 1, 0, 0};
+  if (tile_offsets) {
+    if (tile >= tile_offsets[a.p.batch]) return TileRequest{1, 0, 0, 0, 0, 0};
+    int lo = 0, hi = int(a.p.batch) - 1;
+    while (lo < hi) {  // the last request whose first tile is <= tile
+      const int mid = (lo + hi + 1) / 2;
+      if (tile_offsets[mid] <= tile) lo = mid;
+      else hi = mid - 1;
+    }
+    r.b = lo;
+    r.first = a.cu_seqlens_q[lo];
+    r.q_len = a.cu_seqlens_q[lo + 1] - r.first;
+    r.t0 = (tile - tile_offsets[lo]) * tokens_per_tile;
+  }
+  r.seq = a.seq_lens[r.b];
+  const int capacity = int(a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size);
+  if (r.seq > capacity || r.seq < 1) {  // never read past the block table
+    report_index_error(report, 0, r.b, r.seq, capacity + 1);
+    r.skip = 1;
+  }
+  return r;
+}
+
 // Grid: x = tile (decode: request), y = kv head x head chunk, z = split.
 template <int D>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs a, TileShape shape,
@@ -214,40 +245,18 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
   const int kv_head = blockIdx.y / shape.head_chunks, chunk = blockIdx.y % shape.head_chunks;
   const int group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
-    s_skip = 0;
-    int b = blockIdx.x, t0 = 0, q_len = 1, first = blockIdx.x;
-    if (tile_offsets) {  // prefill: find the request owning this tile
-      const int tile = blockIdx.x;
-      if (tile >= tile_offsets[a.p.batch]) {
-        s_skip = 1;
-      } else {
-        int lo = 0, hi = int(a.p.batch) - 1;
-        while (lo < hi) {  // last b with tile_offsets[b] <= tile
-          const int mid = (lo + hi + 1) / 2;
-          if (tile_offsets[mid] <= tile) lo = mid;
-          else hi = mid - 1;
-        }
-        b = lo;
-        first = a.cu_seqlens_q[b];
-        q_len = a.cu_seqlens_q[b + 1] - first;
-        t0 = (tile - tile_offsets[b]) * shape.tokens_per_tile;
-      }
-    }
-    if (!s_skip) {
-      const int seq = a.seq_lens[b];
-      const int capacity = int(a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size);
-      if (seq > capacity || seq < 1) {  // never read past the block table
-        report_index_error(report, 0, b, seq, capacity + 1);
-        s_skip = 1;
-      }
+    const TileRequest tr = locate_tile(a, tile_offsets, shape.tokens_per_tile, blockIdx.x, report);
+    s_skip = tr.skip;
+    if (!tr.skip) {
       const int h0 = chunk * shape.heads_per_chunk;
       const int heads = min(shape.heads_per_chunk, group - h0);
-      const int tokens = min(shape.tokens_per_tile, q_len - t0);
+      const int tokens = min(shape.tokens_per_tile, tr.q_len - tr.t0);
       int n = 0;
       for (int t = 0; t < tokens; ++t)
-        for (int h = 0; h < heads; ++h) rows[n++] = Row{first + t0 + t, kv_head * group + h0 + h, seq - q_len + t0 + t};
+        for (int h = 0; h < heads; ++h)
+          rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h0 + h, tr.seq - tr.q_len + tr.t0 + t};
       s_nrows = n;
-      s_b = b;
+      s_b = tr.b;
     }
   }
   __syncthreads();
@@ -257,30 +266,56 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
   attend_rows<D>(a, pages, b, a.seq_lens[b], 0, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
 }
 
-// Shared-prefix pass. Grid: x = row tile within a group (up to the largest group), y = kv head x
-// head chunk, z = group * splits + split. A group's rows are its requests' query tokens (contiguous
-// in q) times the group's heads; queries sit at prefix_len + their request-local position.
-template <int D>
-__global__ void __launch_bounds__(kThreads) prefix_attention_kernel(SharedPrefixArgs sa, TileShape shape, int splits,
-                                                                    Partials part, DeviceErrorReport* report) {
-  __shared__ Row rows[kMaxRows];
+// Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
+// z = split.
+template <int D, typename T>
+__global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs a, int tokens_per_tile,
+                                                                  const int32_t* tile_offsets, tc::TcPartials part,
+                                                                  DeviceErrorReport* report) {
+  __shared__ tc::RowSlot rows[tc::kRows];
+  __shared__ int s_nrows, s_b, s_skip;
+  const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
+  if (threadIdx.x == 0) {
+    const TileRequest tr = locate_tile(a, tile_offsets, tokens_per_tile, blockIdx.x, report);
+    s_skip = tr.skip;
+    if (!tr.skip) {
+      const int tokens = min(tokens_per_tile, tr.q_len - tr.t0);
+      int n = 0;
+      for (int t = 0; t < tokens; ++t)
+        for (int h = 0; h < group; ++h)
+          rows[n++] = tc::RowSlot{tr.first + tr.t0 + t, kv_head * group + h, tr.seq - tr.q_len + tr.t0 + t};
+      s_nrows = n;
+      s_b = tr.b;
+    }
+  }
+  __syncthreads();
+  if (s_skip || s_nrows == 0) return;
+  const int b = s_b;
+  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
+  tc::attend_rows_tc<D, T>(a, pages, b, a.seq_lens[b], kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
+}
+
+// Tensor-core prefix pass of shared-prefix attention: a group's queries stacked into 64-row tiles
+// (tokens x heads of the group) against the group's prefix. Grid: x = row tile within the group,
+// y = kv head, z = group * splits + split.
+template <int D, typename T>
+__global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
+                                                                 DeviceErrorReport* report) {
+  __shared__ tc::RowSlot rows[tc::kRows];
   __shared__ int s_nrows;
   const AttentionArgs& a = sa.suffix;
   const int g = blockIdx.z / splits, split = blockIdx.z % splits;
-  const int kv_head = blockIdx.y / shape.head_chunks, chunk = blockIdx.y % shape.head_chunks;
-  const int group = int(a.p.num_q_heads / a.p.num_kv_heads);
+  const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
   const int r0 = sa.group_indptr[g], r1 = sa.group_indptr[g + 1];
   const int tok0 = a.cu_seqlens_q ? a.cu_seqlens_q[r0] : r0;
   const int tok1 = a.cu_seqlens_q ? a.cu_seqlens_q[r1] : r1;
-  const int t0 = tok0 + int(blockIdx.x) * shape.tokens_per_tile;
-  if (t0 >= tok1) return;
+  const int row0 = int(blockIdx.x) * tc::kRows, group_rows = (tok1 - tok0) * group;
+  if (row0 >= group_rows) return;
   if (threadIdx.x == 0) {
-    const int h0 = chunk * shape.heads_per_chunk;
-    const int heads = min(shape.heads_per_chunk, group - h0);
-    const int tokens = min(shape.tokens_per_tile, tok1 - t0);
-    int n = 0, b = r0;
-    for (int t = 0; t < tokens; ++t) {
-      const int token = t0 + t;
+    const int n = min(tc::kRows, group_rows - row0);
+    int b = r0;
+    for (int i = 0; i < n; ++i) {
+      const int token = tok0 + (row0 + i) / group;
       if (a.cu_seqlens_q) {
         while (a.cu_seqlens_q[b + 1] <= token) ++b;
       } else {
@@ -288,14 +323,14 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_kernel(SharedPrefix
       }
       const int first = a.cu_seqlens_q ? a.cu_seqlens_q[b] : b;
       const int q_len = a.cu_seqlens_q ? a.cu_seqlens_q[b + 1] - first : 1;
-      const int position = sa.prefix_lens[g] + a.seq_lens[b] - q_len + (token - first);
-      for (int h = 0; h < heads; ++h) rows[n++] = Row{token, kv_head * group + h0 + h, position};
+      rows[i] = tc::RowSlot{token, kv_head * group + (row0 + i) % group,
+                            sa.prefix_lens[g] + a.seq_lens[b] - q_len + (token - first)};
     }
     s_nrows = n;
   }
   __syncthreads();
   const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
-  attend_rows<D>(a, pages, 0, sa.prefix_lens[g], 0, kv_head, rows, s_nrows, split, splits, part, report);
+  tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows, s_nrows, split, splits, part, report);
 }
 
 // out[t, h] = the LSE-weighted combination of `sources` float partial states, in source order.
@@ -397,7 +432,7 @@ void dispatch_head_dim(int64_t d, F&& f) {
 
 int64_t max_keys(const PagedKV& kv) { return kv.block_table ? kv.max_pages * kv.page_size : kv.page_size; }
 
-// Runs the paged kernel: directly into `out` (one split), or into partial sources.
+// Launches the CUDA-core kernel (decode, or groups wider than a tensor-core tile).
 void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* tile_offsets, int64_t tiles, int splits,
                   Partials part) {
   const TileShape shape = tile_shape(a.p);
@@ -409,6 +444,70 @@ void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* ti
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 
+// Runs a tensor-core kernel instantiation for the cache dtype with its dynamic shared memory.
+template <int D, template <int, typename> class Kernel, typename... Args>
+void launch_tc(DType dtype, dim3 grid, cudaStream_t stream, Args... args) {
+  const size_t smem = tc::Tile<D>::kBytes;
+  auto run = [&](auto kernel) {
+    KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, tc::kThreads, smem, stream>>>(args...);
+  };
+  if (dtype == DType::BFloat16) run(Kernel<D, __nv_bfloat16>::fn);
+  else run(Kernel<D, __half>::fn);
+  KVCORE_CUDA_CHECK_LAUNCH();
+}
+template <int D, typename T>
+struct PrefillTc {
+  static constexpr auto fn = prefill_tc_kernel<D, T>;
+};
+template <int D, typename T>
+struct PrefixTc {
+  static constexpr auto fn = prefix_tc_kernel<D, T>;
+};
+
+int group_size(const AttentionParams& p) { return int(p.num_q_heads / p.num_kv_heads); }
+bool use_tensor_cores(const AttentionArgs& a) { return a.cu_seqlens_q && group_size(a.p) <= tc::kRows; }
+int tc_tokens_per_tile(const AttentionParams& p) { return std::max(1, tc::kRows / group_size(p)); }
+
+// How one paged pass runs: kernel kind, query tokens per tile, tile count bound, KV splits.
+struct PassPlan {
+  bool tensor_cores;
+  int tokens_per_tile;
+  int64_t tiles;
+  int splits;
+};
+PassPlan plan_paged(const AttentionArgs& a) {
+  PassPlan plan;
+  plan.tensor_cores = use_tensor_cores(a);
+  const TileShape shape = tile_shape(a.p);
+  plan.tokens_per_tile = plan.tensor_cores ? tc_tokens_per_tile(a.p) : shape.tokens_per_tile;
+  plan.tiles = a.cu_seqlens_q ? (a.total_q + plan.tokens_per_tile - 1) / plan.tokens_per_tile + a.p.batch : a.p.batch;
+  const int64_t ctas = plan.tiles * a.p.num_kv_heads * (plan.tensor_cores ? 1 : shape.head_chunks);
+  plan.splits = choose_splits(ctas, max_keys(a.kv), a.device.index);
+  return plan;
+}
+
+// One paged pass into `part` (or straight into the output when part.o is null: one split).
+void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream, int32_t* tile_offsets, Partials part) {
+  if (a.cu_seqlens_q) {
+    build_tiles_kernel<<<1, 32, 0, stream>>>(a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets);
+    KVCORE_CUDA_CHECK_LAUNCH();
+  }
+  if (!plan.tensor_cores) {
+    launch_paged(a, stream, a.cu_seqlens_q ? tile_offsets : nullptr, plan.tiles, plan.splits, part);
+    return;
+  }
+  const dim3 grid(unsigned(plan.tiles), unsigned(a.p.num_kv_heads), unsigned(plan.splits));
+  const tc::TcPartials tp{part.o, part.lse, part.source_base};
+  DeviceErrorReport* report = device_error_report();
+  dispatch_head_dim(a.p.head_dim, [&](auto d) {
+    launch_tc<decltype(d)::value, PrefillTc>(a.p.dtype, grid, stream, a, plan.tokens_per_tile,
+                                             static_cast<const int32_t*>(tile_offsets), tp, report);
+  });
+}
+
+size_t round_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 }  // namespace
 
 void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
@@ -417,28 +516,19 @@ void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
   cudaStream_t stream = to_cuda_stream(stream_handle);
-  const TileShape shape = tile_shape(a.p);
-  const int64_t tiles = a.cu_seqlens_q ? (a.total_q + shape.tokens_per_tile - 1) / shape.tokens_per_tile + a.p.batch
-                                       : a.p.batch;
-  const int splits = choose_splits(tiles * a.p.num_kv_heads * shape.head_chunks, max_keys(a.kv), a.device.index);
+  const PassPlan plan = plan_paged(a);
   const int64_t states = a.total_q * a.p.num_q_heads;
-  const size_t tiles_bytes = a.cu_seqlens_q ? size_t(a.p.batch + 1) * 4 : 0;
-  const size_t part_bytes = splits > 1 ? size_t(splits) * size_t(states) * size_t(a.p.head_dim + 1) * 4 : 0;
-  StreamScratch scratch((tiles_bytes + 255) / 256 * 256 + part_bytes, stream);
-  int32_t* tile_offsets = nullptr;
-  if (a.cu_seqlens_q) {
-    tile_offsets = scratch.at<int32_t>(0);
-    build_tiles_kernel<<<1, 32, 0, stream>>>(a.cu_seqlens_q, int(a.p.batch), shape.tokens_per_tile, tile_offsets);
-    KVCORE_CUDA_CHECK_LAUNCH();
-  }
+  const size_t tiles_bytes = a.cu_seqlens_q ? round_up(size_t(a.p.batch + 1) * 4) : 0;
+  const size_t part_bytes = plan.splits > 1 ? size_t(plan.splits) * size_t(states) * size_t(a.p.head_dim + 1) * 4 : 0;
+  StreamScratch scratch(tiles_bytes + part_bytes, stream);
   Partials part;
-  if (splits > 1) {
-    part.o = scratch.at<float>((tiles_bytes + 255) / 256 * 256);
-    part.lse = part.o + size_t(splits) * size_t(states) * size_t(a.p.head_dim);
+  if (plan.splits > 1) {
+    part.o = scratch.at<float>(tiles_bytes);
+    part.lse = part.o + size_t(plan.splits) * size_t(states) * size_t(a.p.head_dim);
   }
-  launch_paged(a, stream, tile_offsets, tiles, splits, part);
-  if (splits > 1) {
-    merge_partials_kernel<<<unsigned(states), 128, 0, stream>>>(a, part, splits);
+  run_paged(a, plan, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, part);
+  if (plan.splits > 1) {
+    merge_partials_kernel<<<unsigned(states), 128, 0, stream>>>(a, part, plan.splits);
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   raise_device_errors(stream, "attention", {"seq_lens", "block_table"});
@@ -450,41 +540,30 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   if (a.total_q == 0 || a.p.batch == 0) return;
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
+  KVCORE_CHECK_VALUE(group_size(a.p) <= tc::kRows, "shared-prefix attention on CUDA supports at most ", tc::kRows,
+                     " query heads per kv head");
   cudaStream_t stream = to_cuda_stream(stream_handle);
-  const TileShape shape = tile_shape(a.p);
   const int64_t states = a.total_q * a.p.num_q_heads;
-  // Row tiles per group: bounded by the whole batch's query tokens (host-known).
-  const int64_t prefix_tiles = (a.total_q + shape.tokens_per_tile - 1) / shape.tokens_per_tile;
+  // Prefix pass: a group's rows are its query tokens x heads; no group has more than the batch.
+  const int64_t prefix_tiles = (a.total_q * group_size(a.p) + tc::kRows - 1) / tc::kRows;
   const int prefix_splits =
-      choose_splits(sa.num_groups * a.p.num_kv_heads * shape.head_chunks, sa.max_prefix_pages * a.kv.page_size,
-                    a.device.index);
-  const int64_t suffix_tiles = a.cu_seqlens_q ? prefix_tiles + a.p.batch : a.p.batch;
-  const int suffix_splits =
-      choose_splits(suffix_tiles * a.p.num_kv_heads * shape.head_chunks, max_keys(a.kv), a.device.index);
-  const int sources = prefix_splits + suffix_splits;
-  const size_t tiles_bytes = a.cu_seqlens_q ? (size_t(a.p.batch + 1) * 4 + 255) / 256 * 256 : 0;
+      choose_splits(prefix_tiles * a.p.num_kv_heads, sa.max_prefix_pages * a.kv.page_size, a.device.index);
+  const PassPlan suffix = plan_paged(a);
+  const int sources = prefix_splits + suffix.splits;
+  const size_t tiles_bytes = a.cu_seqlens_q ? round_up(size_t(a.p.batch + 1) * 4) : 0;
   StreamScratch scratch(tiles_bytes + size_t(sources) * size_t(states) * size_t(a.p.head_dim + 1) * 4, stream);
   Partials part;
   part.o = scratch.at<float>(tiles_bytes);
   part.lse = part.o + size_t(sources) * size_t(states) * size_t(a.p.head_dim);
-  // Prefix pass: every group's stacked queries against its prefix.
-  dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads * shape.head_chunks),
-            unsigned(sa.num_groups * prefix_splits));
+  const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(sa.num_groups * prefix_splits));
+  const tc::TcPartials tp{part.o, part.lse, 0};
+  DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    prefix_attention_kernel<decltype(d)::value>
-        <<<grid, kThreads, 0, stream>>>(sa, shape, prefix_splits, part, device_error_report());
+    launch_tc<decltype(d)::value, PrefixTc>(a.p.dtype, grid, stream, sa, prefix_splits, tp, report);
   });
-  KVCORE_CUDA_CHECK_LAUNCH();
-  // Suffix pass: per-request pages, partial sources after the prefix ones.
-  int32_t* tile_offsets = nullptr;
-  if (a.cu_seqlens_q) {
-    tile_offsets = scratch.at<int32_t>(0);
-    build_tiles_kernel<<<1, 32, 0, stream>>>(a.cu_seqlens_q, int(a.p.batch), shape.tokens_per_tile, tile_offsets);
-    KVCORE_CUDA_CHECK_LAUNCH();
-  }
   Partials suffix_part = part;
   suffix_part.source_base = prefix_splits;
-  launch_paged(a, stream, tile_offsets, suffix_tiles, suffix_splits, suffix_part);
+  run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part);
   merge_partials_kernel<<<unsigned(states), 128, 0, stream>>>(a, part, sources);
   KVCORE_CUDA_CHECK_LAUNCH();
   raise_device_errors(stream, "shared_prefix attention", {"seq_lens", "block_table"});
