@@ -10,23 +10,6 @@
 namespace kvcore::bindings {
 namespace {
 
-TensorView optional_view(const std::optional<InArray>& a, const char* name) {
-  if (!a) {
-    TensorView t;
-    t.name = name;
-    return t;
-  }
-  return to_view(*a, name);
-}
-TensorView optional_view(const std::optional<OutArray>& a, const char* name) {
-  if (!a) {
-    TensorView t;
-    t.name = name;
-    return t;
-  }
-  return to_view(*a, name);
-}
-
 AttentionOptions options(float scale, float soft_cap, int64_t window, bool causal) {
   AttentionOptions o;
   o.scale = scale;

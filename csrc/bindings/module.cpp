@@ -7,4 +7,5 @@ NB_MODULE(_C, m) {
   kvcore::bindings::register_kv_cache(m);
   kvcore::bindings::register_memory(m);
   kvcore::bindings::register_attention(m);
+  kvcore::bindings::register_quant(m);
 }

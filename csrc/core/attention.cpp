@@ -3,6 +3,7 @@
 
 #include "kvcore/attention.h"
 #include "kvcore/error.h"
+#include "kvcore/quant.h"
 
 namespace kvcore {
 namespace {
@@ -18,28 +19,24 @@ void check_int32_vector(const TensorView& t, int64_t size, const char* what) {
 
 }  // namespace
 
-AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
-                                  const TensorView& block_table, const TensorView& seq_lens,
-                                  const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
-                                  const AttentionOptions& options, bool decode) {
+namespace {
+
+// Everything but the K/V arrays: q, out, lse, the metadata and the options, for a cache of
+// [num_pages, page_size, hkv, D] (D taken from q).
+AttentionArgs make_common(const TensorView& q, const TensorView& kv_ref, int64_t num_pages, int64_t page_size,
+                          int64_t hkv, const TensorView& block_table, const TensorView& seq_lens,
+                          const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
+                          const AttentionOptions& options, bool decode) {
   check_dtype(q, {DType::BFloat16, DType::Float16});
-  check_same_dtype(k_cache, q);
-  check_same_dtype(v_cache, q);
   check_ndim(q, 3);
-  check_ndim(k_cache, 4);
-  check_ndim(v_cache, 4);
   const int64_t total_q = q.shape[0], hq = q.shape[1], d = q.shape[2];
-  const int64_t hkv = k_cache.shape[2];
   KVCORE_CHECK_VALUE(d == 64 || d == 128 || d == 256, q.name, ": head_dim ", d,
                      " is not supported (expected 64, 128 or 256)");
-  check_dim(k_cache, 3, d, "head_dim");
-  for (int i = 0; i < 4; ++i) check_dim(v_cache, i, k_cache.shape[i], "must match k_cache");
   KVCORE_CHECK_VALUE(hkv > 0 && hq % hkv == 0, q.name, ": ", hq, " query heads are not a multiple of ", hkv,
                      " kv heads");
-  KVCORE_CHECK_VALUE(k_cache.shape[1] > 0, k_cache.name, ": page_size must be positive");
+  KVCORE_CHECK_VALUE(page_size > 0, kv_ref.name, ": page_size must be positive");
   check_inner_contiguous(q, 1);
-  check_inner_contiguous(k_cache, 3);
-  check_inner_contiguous(v_cache, 3);
+  check_same_device(kv_ref, q);
   check_ndim(seq_lens, 1);
   const int64_t batch = seq_lens.shape[0];
   check_int32_vector(seq_lens, batch, "batch");
@@ -82,7 +79,8 @@ AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache
   check_ndim(out, 3);
   for (int i = 0; i < 3; ++i) check_dim(out, i, q.shape[i], "must match q");
   check_inner_contiguous(out, 1);
-  for (const TensorView* t : {&k_cache, &v_cache, &seq_lens, &out}) check_same_device(*t, q);
+  check_same_device(seq_lens, q);
+  check_same_device(out, q);
   if (present(lse)) {
     check_dtype(lse, {DType::Float32});
     check_ndim(lse, 2);
@@ -100,15 +98,67 @@ AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache
   a.out = out.data;
   a.o_token_stride = out.strides[0];
   a.o_head_stride = out.strides[1];
+  a.kv.num_pages = num_pages;
+  a.kv.page_size = page_size;
+  a.seq_lens = seq_lens.ptr<const int32_t>();
+  a.total_q = total_q;
+  a.device = q.device;
+  return a;
+}
+
+}  // namespace
+
+AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                                  const TensorView& block_table, const TensorView& seq_lens,
+                                  const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
+                                  const AttentionOptions& options, bool decode) {
+  check_dtype(q, {DType::BFloat16, DType::Float16});
+  check_same_dtype(k_cache, q);
+  check_same_dtype(v_cache, q);
+  check_ndim(q, 3);
+  check_ndim(k_cache, 4);
+  check_ndim(v_cache, 4);
+  check_dim(k_cache, 3, q.shape[2], "head_dim");
+  for (int i = 0; i < 4; ++i) check_dim(v_cache, i, k_cache.shape[i], "must match k_cache");
+  check_inner_contiguous(k_cache, 3);
+  check_inner_contiguous(v_cache, 3);
+  check_same_device(v_cache, k_cache);
+  AttentionArgs a = make_common(q, k_cache, k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_table,
+                                seq_lens, cu_seqlens_q, out, lse, options, decode);
   a.kv.k = k_cache.data;
   a.kv.v = v_cache.data;
   a.kv.k_page_stride = k_cache.strides[0];
   a.kv.v_page_stride = v_cache.strides[0];
-  a.kv.num_pages = k_cache.shape[0];
-  a.kv.page_size = k_cache.shape[1];
-  a.seq_lens = seq_lens.ptr<const int32_t>();
-  a.total_q = total_q;
-  a.device = q.device;
+  return a;
+}
+
+AttentionArgs make_attention_int4_args(const TensorView& q, const TensorView& k_codes, const TensorView& k_params,
+                                       const TensorView& v_codes, const TensorView& v_params,
+                                       const TensorView& block_table, const TensorView& seq_lens,
+                                       const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
+                                       const AttentionOptions& options, bool decode, int64_t rot_block,
+                                       const TensorView& rot_signs) {
+  check_ndim(q, 3);
+  check_ndim(k_codes, 4);
+  const int64_t d = q.shape[2];
+  const Int4Cache kc = make_int4_cache(k_codes, k_params, -1, 0, k_codes.shape[2], d);
+  const Int4Cache vc = make_int4_cache(v_codes, v_params, -1, 0, k_codes.shape[2], d);
+  for (int i = 0; i < 2; ++i) check_dim(v_codes, i, k_codes.shape[i], "must match k_codes");
+  check_same_device(v_codes, k_codes);
+  AttentionArgs a = make_common(q, k_codes, k_codes.shape[0], k_codes.shape[1], k_codes.shape[2], block_table,
+                                seq_lens, cu_seqlens_q, out, lse, options, decode);
+  const Rotation rot = make_rotation(d, rot_block, rot_signs, q.device);
+  a.kv.int4 = true;
+  a.kv.k_codes = kc.codes;
+  a.kv.v_codes = vc.codes;
+  a.kv.k_params = kc.params;
+  a.kv.v_params = vc.params;
+  a.kv.k_codes_page_stride = kc.codes_page_stride;
+  a.kv.v_codes_page_stride = vc.codes_page_stride;
+  a.kv.k_params_page_stride = kc.params_page_stride;
+  a.kv.v_params_page_stride = vc.params_page_stride;
+  a.kv.rot_block = rot.block;
+  a.kv.rot_signs = rot.signs;
   return a;
 }
 

@@ -4,6 +4,7 @@
 
 #include "kvcore/attention.h"
 #include "kvcore/kv_cache.h"
+#include "kvcore/quant.h"
 
 namespace kvcore {
 
@@ -12,6 +13,9 @@ void copy_pages_cuda(const CopyPagesArgs&, StreamHandle) { require_cuda("copy_pa
 void attention_cuda(const AttentionArgs&, StreamHandle) { require_cuda("attention"); }
 void shared_prefix_attention_cuda(const SharedPrefixArgs&, StreamHandle) { require_cuda("shared_prefix attention"); }
 void merge_states_cuda(const MergeStatesArgs&, StreamHandle) { require_cuda("merge_states"); }
+void hadamard_transform_cuda(const HadamardArgs&, StreamHandle) { require_cuda("hadamard_transform"); }
+void append_kv_int4_cuda(const AppendKVInt4Args&, StreamHandle) { require_cuda("append_kv_int4"); }
+void dequantize_kv_int4_cuda(const DequantizeInt4Args&, StreamHandle) { require_cuda("dequantize_kv_int4"); }
 
 }  // namespace kvcore
 

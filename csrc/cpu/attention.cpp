@@ -7,6 +7,7 @@
 #include "kvcore/attention.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
+#include "kvcore/detail/int4.h"
 #include "kvcore/error.h"
 #include "kvcore/parallel.h"
 
@@ -65,9 +66,31 @@ struct KeySeq {
   int64_t key_base;      // position of key 0
 };
 
-inline int64_t key_offset(const KeySeq& ks, int64_t j, int64_t kv_head, int64_t hkv, int64_t d, int64_t page_stride) {
-  const int64_t page = ks.pages ? ks.pages[j / ks.kv->page_size] : ks.page0;
-  return page * page_stride + ((j % ks.kv->page_size) * hkv + kv_head) * d;
+// Key j's K and V rows as floats: 16-bit pages, or INT4 pages dequantized (rotated basis).
+void load_kv_row(const KeySeq& ks, int64_t j, int64_t kv_head, const AttentionParams& p, float* kf, float* vf) {
+  const PagedKV& kv = *ks.kv;
+  const int64_t page = ks.pages ? ks.pages[j / kv.page_size] : ks.page0;
+  const int64_t row = (j % kv.page_size) * p.num_kv_heads + kv_head;
+  const int64_t d = p.head_dim;
+  if (!kv.int4) {
+    const bool bf16 = p.dtype == DType::BFloat16;
+    const uint16_t* krow = static_cast<const uint16_t*>(kv.k) + page * kv.k_page_stride + row * d;
+    const uint16_t* vrow = static_cast<const uint16_t*>(kv.v) + page * kv.v_page_stride + row * d;
+    for (int64_t i = 0; i < d; ++i) {
+      kf[i] = half_to_float(krow[i], bf16);
+      vf[i] = half_to_float(vrow[i], bf16);
+    }
+    return;
+  }
+  auto dequantize = [&](const uint8_t* codes, int64_t codes_stride, const uint16_t* params, int64_t params_stride,
+                        float* out) {
+    const uint8_t* c = codes + page * codes_stride + row * (d / 2);
+    const uint16_t* prm = params + page * params_stride + row * 2;
+    const float scale = fp16_to_float(prm[0]), min = fp16_to_float(prm[1]);
+    for (int64_t i = 0; i < d; ++i) out[i] = dequant_value(code_at(c, int(i)), scale, min);
+  };
+  dequantize(kv.k_codes, kv.k_codes_page_stride, kv.k_params, kv.k_params_page_stride, kf);
+  dequantize(kv.v_codes, kv.v_codes_page_stride, kv.v_params, kv.v_params_page_stride, vf);
 }
 
 // Attention of `rows` query rows that share one KV head over one KV sequence. q_row(r) gives a
@@ -84,20 +107,14 @@ void attend(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* src = q_row(r);
     for (int64_t i = 0; i < d; ++i) q[size_t(r * d + i)] = half_to_float(src[i], bf16);
+    if (ks.kv->int4) rotate_row(&q[size_t(r * d)], int(d), ks.kv->rot_block, ks.kv->rot_signs);  // scores in the rotated basis
     pos[size_t(r)] = qpos(r);
     qlo = std::min(qlo, pos[size_t(r)]);
     qhi = std::max(qhi, pos[size_t(r)]);
   }
   const KeyRange kr = visible_key_range(ks.num_keys, ks.key_base, qlo, qhi, p.causal, p.window);
-  const auto* kbase = static_cast<const uint16_t*>(ks.kv->k);
-  const auto* vbase = static_cast<const uint16_t*>(ks.kv->v);
   for (int64_t j = kr.lo; j < kr.hi; ++j) {
-    const uint16_t* krow = kbase + key_offset(ks, j, kv_head, p.num_kv_heads, d, ks.kv->k_page_stride);
-    const uint16_t* vrow = vbase + key_offset(ks, j, kv_head, p.num_kv_heads, d, ks.kv->v_page_stride);
-    for (int64_t i = 0; i < d; ++i) {
-      kf[size_t(i)] = half_to_float(krow[i], bf16);
-      vf[size_t(i)] = half_to_float(vrow[i], bf16);
-    }
+    load_kv_row(ks, j, kv_head, p, kf.data(), vf.data());
     const int64_t kpos = ks.key_base + j;
     for (int64_t r = 0; r < rows; ++r) {
       if (!key_visible(kpos, pos[size_t(r)], p.causal, p.window)) continue;
@@ -122,6 +139,7 @@ void attend(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const float lr = l[size_t(r)];
     for (int64_t i = 0; i < d; ++i) o[size_t(i)] = lr > 0.f ? acc[size_t(r * d + i)] / lr : 0.f;
+    if (ks.kv->int4) unrotate_row(o.data(), int(d), ks.kv->rot_block, ks.kv->rot_signs);  // V's rotation undone
     emit(r, o.data(), lr > 0.f ? m[size_t(r)] + std::log(lr) : -INFINITY);
   }
 }

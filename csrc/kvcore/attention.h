@@ -35,6 +35,18 @@ struct PagedKV {
   const int32_t* block_table = nullptr;  // [batch, max_pages]; nullptr: request b is page b
   int64_t block_table_stride = 0;   // elements between rows of block_table
   int64_t max_pages = 0;            // columns of block_table (1 without one)
+
+  // INT4 pages (quant.h): when int4 is set, K/V are read from these instead of k/v, in the rotated
+  // basis; queries are rotated the same way and outputs rotated back, inside the kernels.
+  bool int4 = false;
+  const uint8_t* k_codes = nullptr;      // [num_pages, page_size, Hkv, D/2]
+  const uint8_t* v_codes = nullptr;
+  const uint16_t* k_params = nullptr;    // [num_pages, page_size, Hkv, 2] float16 (scale, min)
+  const uint16_t* v_params = nullptr;
+  int64_t k_codes_page_stride = 0, v_codes_page_stride = 0;    // bytes
+  int64_t k_params_page_stride = 0, v_params_page_stride = 0;  // float16 elements
+  int rot_block = 0;                     // Hadamard block size
+  const float* rot_signs = nullptr;      // [D] or nullptr
 };
 
 struct AttentionParams {
@@ -106,6 +118,14 @@ AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache
                                   const TensorView& block_table, const TensorView& seq_lens,
                                   const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
                                   const AttentionOptions& options, bool decode);
+// The INT4 variant: K/V given as codes + params (quant.h formats) with their rotation; q, out and
+// lse as above. k/v_codes play the role of k_cache/v_cache in all checks.
+AttentionArgs make_attention_int4_args(const TensorView& q, const TensorView& k_codes, const TensorView& k_params,
+                                       const TensorView& v_codes, const TensorView& v_params,
+                                       const TensorView& block_table, const TensorView& seq_lens,
+                                       const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
+                                       const AttentionOptions& options, bool decode, int64_t rot_block,
+                                       const TensorView& rot_signs);
 SharedPrefixArgs make_shared_prefix_args(const AttentionArgs& suffix, const TensorView& prefix_block_table,
                                          const TensorView& prefix_lens, const TensorView& group_indptr);
 MergeStatesArgs make_merge_states_args(const TensorView& o_a, const TensorView& lse_a, const TensorView& o_b,

@@ -21,6 +21,8 @@
 #include "kvcore/cuda_utils.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
+#include "../quant/int4_warp.cuh"
+#include "kvcore/detail/int4.h"
 #include "prefill_tc.cuh"
 
 namespace kvcore {
@@ -61,6 +63,20 @@ __device__ __forceinline__ void load_lane(const uint16_t* p, bool bf16, float (&
   for (int i = 0; i < N; ++i) out[i] = half_to_float(h[i], bf16);
 }
 
+// A lane's N values of an INT4 row (rotated basis): N/2 code bytes and the row's (scale, min).
+template <int N>
+__device__ __forceinline__ void load_int4_lane(const uint8_t* codes, const uint16_t* params, int64_t row, int lane,
+                                               float (&out)[N]) {
+  const uint8_t* c = codes + row * (32 * N / 2) + lane * (N / 2);
+  const float scale = fp16_to_float(params[row * 2]), min = fp16_to_float(params[row * 2 + 1]);
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const uint8_t byte = c[i / 2];
+    out[i] = dequant_value(byte & 0xf, scale, min);
+    out[i + 1] = dequant_value(byte >> 4, scale, min);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -81,6 +97,8 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
   __shared__ float s_m[kWarps][kMaxRows];
   __shared__ float s_l[kWarps][kMaxRows];
   __shared__ float s_acc[kWarps][kMaxRows][D];
+  __shared__ float s_out[kMaxRows][D];
+  __shared__ float s_lse[kMaxRows];
 
   float q[kMaxRows][N], acc[kMaxRows][N], m[kMaxRows], l[kMaxRows];
   int qlo = INT32_MAX, qhi = INT32_MIN;
@@ -95,6 +113,7 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
                              int64_t(rows[r].head) * a.q_head_stride + lane * N;
 #pragma unroll
       for (int i = 0; i < N; ++i) q[r][i] = half_to_float(qrow[i], bf16);  // q may be unaligned: scalar loads
+      if (a.kv.int4) warp_rotate<N>(q[r], lane, a.kv.rot_block, a.kv.rot_signs, false);  // rotated-basis scores
       qlo = min(qlo, rows[r].position);
       qhi = max(qhi, rows[r].position);
     }
@@ -112,10 +131,17 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
       if (lane == 0) report_index_error(report, 1, j / page_size, page, a.kv.num_pages);
       continue;
     }
-    const int64_t row_off = ((j % page_size) * p.num_kv_heads + kv_head) * D + lane * N;
+    const int64_t kv_row = (j % page_size) * p.num_kv_heads + kv_head;
     float kf[N], vf[N];
-    load_lane<N>(kbase + page * a.kv.k_page_stride + row_off, bf16, kf);
-    load_lane<N>(vbase + page * a.kv.v_page_stride + row_off, bf16, vf);
+    if (a.kv.int4) {
+      load_int4_lane<N>(a.kv.k_codes + page * a.kv.k_codes_page_stride, a.kv.k_params + page * a.kv.k_params_page_stride,
+                        kv_row, lane, kf);
+      load_int4_lane<N>(a.kv.v_codes + page * a.kv.v_codes_page_stride, a.kv.v_params + page * a.kv.v_params_page_stride,
+                        kv_row, lane, vf);
+    } else {
+      load_lane<N>(kbase + page * a.kv.k_page_stride + kv_row * D + lane * N, bf16, kf);
+      load_lane<N>(vbase + page * a.kv.v_page_stride + kv_row * D + lane * N, bf16, vf);
+    }
     const int kpos = key_base + int(j);
 #pragma unroll
     for (int r = 0; r < kMaxRows; ++r) {
@@ -150,6 +176,7 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
     for (int i = 0; i < N; ++i) s_acc[warp][r][lane * N + i] = acc[r][i];
   }
   __syncthreads();
+  // Normalized rows into s_acc[0] (each element is read by its own thread only before the barrier).
   for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     float mx = -INFINITY;
@@ -164,8 +191,24 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
         o += s_acc[w][r][d] * f;
       }
     }
-    const float out = sum > 0.f ? o / sum : 0.f;
-    const float lse = sum > 0.f ? mx + __logf(sum) : -INFINITY;
+    s_out[r][d] = sum > 0.f ? o / sum : 0.f;
+    if (d == 0) s_lse[r] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
+  }
+  __syncthreads();
+  if (a.kv.int4) {  // V's rotation undone on the output
+    for (int r = warp; r < nrows; r += kWarps) {
+      float o[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) o[i] = s_out[r][lane * N + i];
+      warp_rotate<N>(o, lane, a.kv.rot_block, a.kv.rot_signs, true);
+#pragma unroll
+      for (int i = 0; i < N; ++i) s_out[r][lane * N + i] = o[i];
+    }
+    __syncthreads();
+  }
+  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    const float out = s_out[r][d], lse = s_lse[r];
     const int64_t token = rows[r].token, head = rows[r].head;
     if (part.o) {
       const int64_t state = (int64_t(part.source_base + split) * a.total_q + token) * p.num_q_heads + head;
@@ -414,6 +457,12 @@ class StreamScratch {
 
 // Each lane loads D/32 16-bit values at once, so pages must be aligned to D/16 bytes.
 void check_kv_alignment(const PagedKV& kv, int64_t d) {
+  if (kv.int4) {  // the tensor-core path reads 4 code bytes at a time
+    const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k_codes) | reinterpret_cast<uintptr_t>(kv.v_codes) |
+                           uintptr_t(kv.k_codes_page_stride) | uintptr_t(kv.v_codes_page_stride);
+    KVCORE_CHECK_VALUE(bits % 4 == 0, "k_codes/v_codes: CUDA attention needs 4-byte aligned pages");
+    return;
+  }
   const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k) | reinterpret_cast<uintptr_t>(kv.v) |
                          uintptr_t(kv.k_page_stride * 2) | uintptr_t(kv.v_page_stride * 2);
   KVCORE_CHECK_VALUE(bits % uintptr_t(d / 16) == 0, "k_cache/v_cache: CUDA attention with head_dim ", d,

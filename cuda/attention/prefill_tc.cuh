@@ -11,6 +11,8 @@
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/device_error.h"
 #include "kvcore/detail/float16.h"
+#include "kvcore/detail/int4.h"
+#include "../quant/int4_warp.cuh"
 
 namespace kvcore {
 namespace tc {
@@ -47,6 +49,16 @@ struct TcPartials {
   int source_base = 0;
 };
 
+// Eight dequantized INT4 values (rotated basis) as 16-bit floats of the attention dtype.
+__device__ __forceinline__ uint4 dequantize8(const uint8_t* codes, const uint16_t* params, bool bf16) {
+  const float scale = fp16_to_float(params[0]), min = fp16_to_float(params[1]);
+  const uint32_t packed = *reinterpret_cast<const uint32_t*>(codes);
+  uint16_t h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = float_to_half(dequant_value(int((packed >> (4 * i)) & 0xf), scale, min), bf16);
+  return *reinterpret_cast<const uint4*>(h);
+}
+
 // rows[0..nrows) (nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split of
 // the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype.
 template <int D, typename T>
@@ -77,11 +89,27 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
     qlo = min(qlo, rows[r].position);
     qhi = max(qhi, rows[r].position);
   }
-  for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    qs16[i] = r < nrows ? qbase[int64_t(rows[r].token) * a.q_token_stride + int64_t(rows[r].head) * a.q_head_stride + d]
-                        : uint16_t(0);
-    os[i] = 0.f;
+  if (a.kv.int4) {  // queries rotated like the cached keys, so scores need no un-rotation
+    constexpr int NL = D / 32;
+    for (int r = warp; r < kRows; r += kWarps) {
+      float x[NL];
+#pragma unroll
+      for (int i = 0; i < NL; ++i)
+        x[i] = r < nrows ? half_to_float(qbase[int64_t(rows[r].token) * a.q_token_stride +
+                                               int64_t(rows[r].head) * a.q_head_stride + lane * NL + i], bf16)
+                         : 0.f;
+      warp_rotate<NL>(x, lane, a.kv.rot_block, a.kv.rot_signs, false);
+#pragma unroll
+      for (int i = 0; i < NL; ++i) qs16[r * D + lane * NL + i] = float_to_half(x[i], bf16);
+    }
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads) os[i] = 0.f;
+  } else {
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      qs16[i] = r < nrows ? qbase[int64_t(rows[r].token) * a.q_token_stride + int64_t(rows[r].head) * a.q_head_stride + d]
+                          : uint16_t(0);
+      os[i] = 0.f;
+    }
   }
   for (int r = threadIdx.x; r < kRows; r += kThreads) {
     row_m[r] = -INFINITY;
@@ -103,7 +131,13 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
       if (j < end) {
         const int64_t page = pages ? pages[j / a.kv.page_size] : page0;
-        if (page >= 0 && page < a.kv.num_pages) {
+        if (page >= 0 && page < a.kv.num_pages && a.kv.int4) {
+          const int64_t row = (j % a.kv.page_size) * p.num_kv_heads + kv_head;
+          kv4 = dequantize8(a.kv.k_codes + page * a.kv.k_codes_page_stride + row * (D / 2) + c / 2,
+                            a.kv.k_params + page * a.kv.k_params_page_stride + row * 2, bf16);
+          vv4 = dequantize8(a.kv.v_codes + page * a.kv.v_codes_page_stride + row * (D / 2) + c / 2,
+                            a.kv.v_params + page * a.kv.v_params_page_stride + row * 2, bf16);
+        } else if (page >= 0 && page < a.kv.num_pages) {
           const int64_t off = ((j % a.kv.page_size) * p.num_kv_heads + kv_head) * D + c;
           kv4 = *reinterpret_cast<const uint4*>(kbase + page * a.kv.k_page_stride + off);
           vv4 = *reinterpret_cast<const uint4*>(vbase + page * a.kv.v_page_stride + off);
@@ -186,6 +220,20 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       wmma::store_matrix_sync(os + r0 * D + n * 16, acc, D, wmma::mem_row_major);
     }
     __syncthreads();  // K/V tiles are reloaded next
+  }
+
+  if (a.kv.int4) {  // V's rotation undone on the output (linear, so before normalizing is fine)
+    constexpr int NL = D / 32;
+    for (int rr = 0; rr < 16; ++rr) {
+      const int r = warp * 16 + rr;
+      float x[NL];
+#pragma unroll
+      for (int i = 0; i < NL; ++i) x[i] = os[r * D + lane * NL + i];
+      warp_rotate<NL>(x, lane, a.kv.rot_block, a.kv.rot_signs, true);
+#pragma unroll
+      for (int i = 0; i < NL; ++i) os[r * D + lane * NL + i] = x[i];
+    }
+    __syncwarp();
   }
 
   // Normalize and write this warp's rows.

@@ -18,6 +18,17 @@ from ._C import (
 from .attention import merge_states, paged_decode, paged_prefill, shared_prefix_decode, shared_prefix_prefill
 from .kv_cache import append_kv, copy_pages
 from .memory import Arena, PagePool, Transfer, VirtualTensor
+from .quant import (
+    append_kv_int4,
+    dequantize_kv_int4,
+    hadamard_transform,
+    int4_cache_shapes,
+    paged_decode_int4,
+    paged_prefill_int4,
+    random_signs,
+    shared_prefix_decode_int4,
+    shared_prefix_prefill_int4,
+)
 
 __version__: str = _C.build_info()["version"]
 
@@ -29,16 +40,25 @@ __all__ = [
     "VirtualTensor",
     "__version__",
     "append_kv",
+    "append_kv_int4",
     "build_info",
     "copy_pages",
     "cuda_status",
     "debug_checks",
+    "dequantize_kv_int4",
+    "hadamard_transform",
+    "int4_cache_shapes",
     "merge_states",
     "num_threads",
     "paged_decode",
+    "paged_decode_int4",
     "paged_prefill",
+    "paged_prefill_int4",
+    "random_signs",
     "set_debug_checks",
     "set_num_threads",
     "shared_prefix_decode",
+    "shared_prefix_decode_int4",
     "shared_prefix_prefill",
+    "shared_prefix_prefill_int4",
 ]
