@@ -40,16 +40,19 @@ std::string device_str(Device d) { return d.str(); }
 nb::ndarray<nb::array_api> make_view(const VirtualTensor& t, int64_t offset, const std::vector<int64_t>& shape, DType dtype) {
   KVCORE_CHECK_VALUE(!shape.empty() && shape.size() <= size_t(kMaxDims), "view: shape must have 1 to ", kMaxDims,
                      " dimensions");
+  const int64_t reserved = t.num_pages() * t.page_bytes();
+  const int64_t itemsize = int64_t(dtype_size(dtype));
   int64_t n = 1;
   for (int64_t d : shape) {
     KVCORE_CHECK_VALUE(d >= 0, "view: negative dimension ", d);
+    KVCORE_CHECK_INDEX(d == 0 || n <= reserved / itemsize / d, "view: shape is larger than the tensor's ", reserved,
+                       " reserved bytes");
     n *= d;
   }
-  const int64_t reserved = t.num_pages() * t.page_bytes();
-  KVCORE_CHECK_INDEX(offset >= 0 && offset + n * int64_t(dtype_size(dtype)) <= reserved, "view: bytes [", offset, ", ",
-                     offset + n * int64_t(dtype_size(dtype)), ") are outside the tensor's ", reserved, " reserved bytes");
-  KVCORE_CHECK_VALUE(offset % int64_t(dtype_size(dtype)) == 0, "view: offset ", offset, " is not aligned to ",
-                     dtype_name(dtype));
+  // Written so huge offsets cannot overflow.
+  KVCORE_CHECK_INDEX(offset >= 0 && offset <= reserved && n * itemsize <= reserved - offset, "view: ", n * itemsize,
+                     " bytes at offset ", offset, " are outside the tensor's ", reserved, " reserved bytes");
+  KVCORE_CHECK_VALUE(offset % itemsize == 0, "view: offset ", offset, " is not aligned to ", dtype_name(dtype));
   std::shared_ptr<void> token = t.retain_view();
   auto* holder = new std::shared_ptr<void>(std::move(token));
   nb::capsule owner(holder, [](void* p) noexcept { delete static_cast<std::shared_ptr<void>*>(p); });

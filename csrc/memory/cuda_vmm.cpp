@@ -88,7 +88,7 @@ class CudaVmmBackend final : public VmmBackend {
   void release_reservation(uintptr_t va, int64_t pages) override {
     CudaDeviceGuard guard(device_);
     {
-      ScopedCall call(stats_, "unmap", pages);
+      ScopedCall call(stats_, "unmap_zero", pages);
       for (int64_t i = 0; i < pages; ++i)
         KVCORE_CU_CHECK(api_.cuMemUnmap(CUdeviceptr(va) + CUdeviceptr(i * page_bytes_), size_t(page_bytes_)));
     }
@@ -117,7 +117,7 @@ class CudaVmmBackend final : public VmmBackend {
       for (; done < count; ++done) {
         const CUdeviceptr at = CUdeviceptr(va) + CUdeviceptr(done * page_bytes_);
         {
-          ScopedCall call(stats_, "unmap");
+          ScopedCall call(stats_, "unmap_zero");
           KVCORE_CU_CHECK(api_.cuMemUnmap(at, size_t(page_bytes_)));  // the zero page
         }
         ScopedCall call(stats_, "map");
@@ -205,14 +205,14 @@ class CudaVmmBackend final : public VmmBackend {
   }
 
   void map_zero(CUdeviceptr at) {
-    ScopedCall call(stats_, "map");
+    ScopedCall call(stats_, "map_zero");
     KVCORE_CU_CHECK(api_.cuMemMap(at, size_t(page_bytes_), 0, zero_page_, 0));
   }
 
   // Read-only where the driver supports it (a stray write then faults instead of changing what
   // every unmapped page reads); otherwise read-write.
   void set_zero_access(CUdeviceptr va, int64_t pages) {
-    ScopedCall call(stats_, "set_access");
+    ScopedCall call(stats_, "set_access_zero");
     CUresult r = api_.cuMemSetAccess(va, size_t(pages * page_bytes_), &zero_access_, 1);
     if (r != CUDA_SUCCESS && zero_access_.flags == CU_MEM_ACCESS_FLAGS_PROT_READ) {
       zero_access_ = read_write_;

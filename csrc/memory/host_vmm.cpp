@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -111,8 +112,18 @@ class HostVmmBackend final : public VmmBackend {
 
   EventId copy(const std::vector<CopyRun>& runs, StreamHandle) override {
     ScopedCall call(stats_, "copy", int64_t(runs.size()));
-    parallel_for(int64_t(runs.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) std::memcpy(runs[size_t(i)].dst, runs[size_t(i)].src, size_t(runs[size_t(i)].bytes));
+    // 1 MiB pieces, so one long run still spreads over the worker threads.
+    constexpr int64_t kPiece = int64_t(1) << 20;
+    std::vector<CopyRun> pieces;
+    for (const CopyRun& r : runs)
+      for (int64_t off = 0; off < r.bytes; off += kPiece)
+        pieces.push_back({static_cast<char*>(r.dst) + off, static_cast<const char*>(r.src) + off,
+                          std::min(kPiece, r.bytes - off)});
+    parallel_for(int64_t(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const CopyRun& p = pieces[size_t(i)];
+        std::memcpy(p.dst, p.src, size_t(p.bytes));
+      }
     });
     return 0;
   }

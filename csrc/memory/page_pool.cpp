@@ -59,6 +59,7 @@ class PoolState {
 
   std::vector<PhysPage> pages;
   std::vector<int64_t> free_pages;  // ids of alive pages with no mapping
+  std::vector<int64_t> dead_ids;    // ids of destroyed pages, reused by create_pages
   int64_t capacity = 0;
 
   char* host_base = nullptr;
@@ -104,8 +105,12 @@ class PoolState {
 
   void add_pending(Pending p) {
     for (EventId e : p.events) retain(e);
+    ++queue_version;
+    if (complete(p)) {  // CPU work (and CUDA work already finished) is processed at once
+      process(p);
+      return;
+    }
     pending.push_back(std::move(p));
-    drain();  // CPU work is complete at once
   }
 
   void process(Pending& p);
@@ -117,12 +122,16 @@ class PoolState {
         ++i;
         continue;
       }
-      Pending p = std::move(pending[i]);
-      pending.erase(pending.begin() + std::ptrdiff_t(i));
-      process(p);
-      i = 0;  // processing may have run a tensor's destructor, which drains too
+      const uint64_t before = ++queue_version;
+      {
+        Pending p = std::move(pending[i]);
+        pending.erase(pending.begin() + std::ptrdiff_t(i));
+        process(p);
+      }  // dropping p may run a tensor's destructor, which queues and drains entries itself
+      if (queue_version != before) i = 0;
     }
   }
+  uint64_t queue_version = 0;  // bumped by every change of `pending`
 
   void wait_oldest() {
     for (EventId e : pending.front().events)
@@ -156,21 +165,23 @@ class PoolState {
     std::vector<int64_t> created;
     try {
       for (int64_t i = 0; i < n; ++i) {
-        PhysHandle h = backend->create_page();
-        size_t slot = pages.size();
-        for (size_t j = 0; j < pages.size(); ++j)
-          if (!pages[j].alive) {
-            slot = j;
-            break;
-          }
-        if (slot == pages.size()) pages.emplace_back();
-        pages[slot] = PhysPage{h, true, 0, 0};
-        created.push_back(int64_t(slot));
+        const PhysHandle h = backend->create_page();
+        int64_t id;
+        if (!dead_ids.empty()) {
+          id = dead_ids.back();
+          dead_ids.pop_back();
+        } else {
+          id = int64_t(pages.size());
+          pages.emplace_back();
+        }
+        pages[size_t(id)] = PhysPage{h, true, 0, 0};
+        created.push_back(id);
       }
     } catch (...) {
       for (int64_t id : created) {
         backend->destroy_page(pages[size_t(id)].handle);
         pages[size_t(id)].alive = false;
+        dead_ids.push_back(id);
       }
       throw;
     }
@@ -180,15 +191,15 @@ class PoolState {
   }
 
   void destroy_free_pages(int64_t n) {
-    // Highest ids first, keeping the low, likely-contiguous pages.
+    // Highest ids first, keeping the low, likely-contiguous pages; the rest stay lowest-on-top.
     std::sort(free_pages.begin(), free_pages.end(), std::greater<int64_t>());
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t id = free_pages.front();
-      free_pages.erase(free_pages.begin());
+      const int64_t id = free_pages[size_t(i)];
       backend->destroy_page(pages[size_t(id)].handle);
       pages[size_t(id)].alive = false;
+      dead_ids.push_back(id);
     }
-    std::reverse(free_pages.begin(), free_pages.end());
+    free_pages.erase(free_pages.begin(), free_pages.begin() + std::ptrdiff_t(n));
     capacity -= n;
   }
 };
@@ -221,7 +232,8 @@ class VirtualTensorState {
     KVCORE_CHECK(!freed, "VirtualTensor.", op, ": the tensor was freed");
   }
   void check_range(const char* op, int64_t first, int64_t count) const {
-    KVCORE_CHECK_INDEX(first >= 0 && count >= 0 && first + count <= num_pages(), "VirtualTensor.", op,
+    // Written so huge arguments cannot overflow.
+    KVCORE_CHECK_INDEX(first >= 0 && count >= 0 && first <= num_pages() && count <= num_pages() - first, "VirtualTensor.", op,
                        ": pages [", first, ", ", first + count, ") are out of range for a tensor of ",
                        num_pages(), " pages");
   }
@@ -320,7 +332,11 @@ void PoolState::process(Pending& p) {
       v.stale_event = 0;
     }
   }
-  for (int64_t s : p.host_slots) host_free.push_back(s);
+  if (!p.host_slots.empty()) {
+    host_free.insert(host_free.end(), p.host_slots.begin(), p.host_slots.end());
+    // Lowest slots on top of the stack, so runs of pages offload into runs of slots (one copy).
+    std::sort(host_free.begin(), host_free.end(), std::greater<int64_t>());
+  }
   for (EventId e : p.events) release(e);
 }
 
@@ -361,14 +377,15 @@ PagePool::PagePool(Device device, int64_t capacity_bytes, int64_t host_capacity_
                      ") must be a multiple of the device's allocation granularity (", g, " bytes)");
   s.page_bytes = page_bytes;
   s.backend->set_page_bytes(page_bytes);
-  const int64_t host_slots = (host_capacity_bytes + page_bytes - 1) / page_bytes;
+  auto pages_for = [&](int64_t bytes) { return bytes / page_bytes + (bytes % page_bytes != 0); };  // no overflow
+  const int64_t host_slots = pages_for(host_capacity_bytes);
   if (host_slots) {
     s.host_base = static_cast<char*>(s.backend->alloc_host(host_slots * page_bytes));
     s.host_slots = host_slots;
     s.host_writer.assign(size_t(host_slots), 0);
     for (int64_t i = host_slots - 1; i >= 0; --i) s.host_free.push_back(i);
   }
-  s.create_pages((capacity_bytes + page_bytes - 1) / page_bytes);
+  s.create_pages(pages_for(capacity_bytes));
 }
 
 Device PagePool::device() const { return state_->device; }
