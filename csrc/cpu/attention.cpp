@@ -317,7 +317,9 @@ void merge_states_cpu(const MergeStatesArgs& m) {
         load_row(m.o_a, m.a_token_stride, m.a_head_stride, t, h, m.head_dim, m.dtype, oa.data());
         load_row(m.o_b, m.b_token_stride, m.b_head_stride, t, h, m.head_dim, m.dtype, ob.data());
         const MergeWeights w = merge_weights(m.lse_a[t * m.lse_a_stride + h], m.lse_b[t * m.lse_b_stride + h]);
-        for (int64_t i = 0; i < m.head_dim; ++i) oa[size_t(i)] = w.wa * oa[size_t(i)] + w.wb * ob[size_t(i)];
+        // A state with weight 0 (empty, lse = -inf) contributes nothing, whatever its values.
+        for (int64_t i = 0; i < m.head_dim; ++i)
+          oa[size_t(i)] = (w.wa > 0.f ? w.wa * oa[size_t(i)] : 0.f) + (w.wb > 0.f ? w.wb * ob[size_t(i)] : 0.f);
         store_row(m.out, m.o_token_stride, m.o_head_stride, t, h, m.head_dim, m.dtype, oa.data());
         if (m.lse_out) m.lse_out[t * m.lse_out_stride + h] = w.lse;
       }

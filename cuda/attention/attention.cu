@@ -410,7 +410,7 @@ __global__ void merge_states_kernel(MergeStatesArgs m) {
   for (int64_t d = threadIdx.x; d < m.head_dim; d += blockDim.x) {
     const float oa = load_state(m.o_a, t * m.a_token_stride + h * m.a_head_stride + d, m.dtype);
     const float ob = load_state(m.o_b, t * m.b_token_stride + h * m.b_head_stride + d, m.dtype);
-    const float o = w.wa * oa + w.wb * ob;
+    const float o = (w.wa > 0.f ? w.wa * oa : 0.f) + (w.wb > 0.f ? w.wb * ob : 0.f);  // empty states add nothing
     const int64_t i = t * m.o_token_stride + h * m.o_head_stride + d;
     if (m.dtype == DType::Float32) static_cast<float*>(m.out)[i] = o;
     else static_cast<uint16_t*>(m.out)[i] = float_to_half(o, m.dtype == DType::BFloat16);

@@ -41,8 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         print("  (CUDA checks need torch with CUDA to allocate GPU arrays; running on the CPU only)")
     print(f"  running on: {', '.join(devices)}")
     print()
+    copy_gbps: dict[str, float] = {}  # measured once, shared by the sections
     print("== KV cache ops: append_kv, copy_pages (checked against numpy, then timed) ==")
-    bench.run(["append-kv", "copy-pages"], devices, quick=not args.full, json_path=args.json)
+    rows = bench.run(["append-kv", "copy-pages"], devices, quick=not args.full, copy_gbps=copy_gbps)
+    print()
+    print("== Virtual memory: PagePool / VirtualTensor map, unmap, grow, offload, prefetch "
+          "(contents checked, then timed; latency rows in us per page) ==")
+    rows += bench.run(["memory"], devices, quick=not args.full, copy_gbps=copy_gbps)
+    print()
+    print("== Attention: paged decode, prefill/extend, shared-prefix decode (checked against a float32/float64 "
+          "reference, then timed against torch SDPA / FlexAttention / FlashInfer or numpy peers) ==")
+    rows += bench.run(["attention"], devices, quick=not args.full, copy_gbps=copy_gbps)
+    if args.json:
+        bench.write_json(args.json, rows, bench.metadata([bench.Device(d) for d in devices], copy_gbps))
     print()
     print("all checks passed")
     return 0

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _C
 from ._arrays import dtype_name, empty_like
 from ._streams import resolve_stream
@@ -30,12 +32,13 @@ __all__ = ["merge_states", "paged_decode", "paged_prefill", "shared_prefix_decod
 
 
 def _options(scale: Any, window: Any, soft_cap: Any) -> tuple[float, int, float]:
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale: must be positive, got {scale}")
+    # The kernels take float32, where a positive value too small to represent would read as 0 (off).
+    if scale is not None and not np.float32(scale) > 0:
+        raise ValueError(f"scale: must be positive (as a float32), got {scale}")
     if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
         raise ValueError(f"window: must be a positive number of tokens or None, got {window}")
-    if soft_cap is not None and not soft_cap > 0:
-        raise ValueError(f"soft_cap: must be positive or None, got {soft_cap}")
+    if soft_cap is not None and not np.float32(soft_cap) > 0:
+        raise ValueError(f"soft_cap: must be positive (as a float32) or None, got {soft_cap}")
     return float(scale or 0.0), int(window or 0), float(soft_cap or 0.0)
 
 

@@ -2,7 +2,9 @@
 
 Each benchmark checks its results against a numpy reference before timing, then reports time,
 achieved GB/s (bytes read + written), % of the measured device copy bandwidth, and the speed-up
-over the best peer (numpy / torch) measured in the same run.
+over the best peer (numpy / torch) measured in the same run. Latency rows (the `memory` benchmark's
+map, unmap, alias and page creation) give microseconds per page and no GB/s; rows that carry a
+performance goal in `extra` get a met / NOT MET line under the table.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 from typing import Callable
 
 from ._harness import Device, Row, available_devices, copy_bandwidth, metadata, print_table, write_json
+from .attention import bench_attention
 from .kv_cache import bench_append_kv, bench_copy_pages
+from .memory import bench_memory
 
 # name -> function(device, quick) -> rows. Later capabilities register themselves here.
 BENCHMARKS: dict[str, Callable[[Device, bool], list[Row]]] = {
     "append-kv": bench_append_kv,
     "copy-pages": bench_copy_pages,
+    "memory": bench_memory,
+    "attention": bench_attention,
 }
 
 __all__ = ["BENCHMARKS", "Device", "Row", "available_devices", "copy_bandwidth", "metadata", "print_table",
@@ -23,13 +29,20 @@ __all__ = ["BENCHMARKS", "Device", "Row", "available_devices", "copy_bandwidth",
 
 
 def run(names: list[str], devices: list[str], quick: bool = False, json_path: str | None = None,
-        out=None) -> list[Row]:
-    """Runs the named benchmarks on each device, prints one table, optionally writes JSON."""
+        out=None, copy_gbps: dict[str, float] | None = None) -> list[Row]:
+    """Runs the named benchmarks on each device, prints one table, optionally writes JSON.
+
+    `copy_gbps` caches the measured device copy bandwidth across calls: devices missing from it are
+    measured and added.
+    """
     import sys
 
     out = out or sys.stdout
     devs = [Device(d) for d in devices]
-    copy_gbps = {d.kind: copy_bandwidth(d) for d in devs}
+    copy_gbps = {} if copy_gbps is None else copy_gbps
+    for d in devs:
+        if d.kind not in copy_gbps:
+            copy_gbps[d.kind] = copy_bandwidth(d)
     for d in devs:
         print(f"{d.kind}: {d.name}; device copy bandwidth {copy_gbps[d.kind]:.1f} GB/s (read + write)", file=out)
     rows: list[Row] = []

@@ -130,11 +130,16 @@ def print_table(rows: list[Row], copy_gbps: dict[str, float], out=sys.stdout) ->
     print("-" * len(header), file=out)
     for r in rows:
         ref = copy_gbps.get(r.device)
-        pct = f"{100 * r.gbps / ref:6.1f}" if ref else "     -"
+        pct = f"{100 * r.gbps / ref:6.1f}" if ref and r.gbps else "     -"
+        gbps = f"{r.gbps:8.1f}" if r.gbps else "       -"  # latency rows carry no bandwidth
         peer_us = f"{r.peer_time_us:10.1f}" if r.peer_time_us else "         -"
         speedup = f"{r.speedup:7.2f}" if r.speedup else "      -"
-        print(f"{r.bench:<12} {r.case:<34} {r.device:<4} {r.time_us:10.1f} {r.gbps:8.1f} {pct} "
+        print(f"{r.bench:<12} {r.case:<34} {r.device:<4} {r.time_us:10.1f} {gbps} {pct} "
               f"{r.peer:<22} {peer_us} {speedup}", file=out)
+    goals = [r for r in rows if "goal" in r.extra and "goal_met" in r.extra]
+    for r in goals:
+        verdict = "met" if r.extra["goal_met"] else "NOT MET"
+        print(f"goal [{r.device}] {r.case}: {r.extra['goal']}: {verdict}", file=out)
 
 
 def metadata(devices: list[Device], copy_gbps: dict[str, float]) -> dict[str, Any]:
