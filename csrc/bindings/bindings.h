@@ -13,5 +13,6 @@ void register_kv_cache(nb::module_& m);
 void register_memory(nb::module_& m);
 void register_attention(nb::module_& m);
 void register_quant(nb::module_& m);
+void register_prefix_cache(nb::module_& m);
 
 }  // namespace kvcore::bindings

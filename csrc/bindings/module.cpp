@@ -8,4 +8,5 @@ NB_MODULE(_C, m) {
   kvcore::bindings::register_memory(m);
   kvcore::bindings::register_attention(m);
   kvcore::bindings::register_quant(m);
+  kvcore::bindings::register_prefix_cache(m);
 }

@@ -18,6 +18,7 @@ from ._C import (
 from .attention import merge_states, paged_decode, paged_prefill, shared_prefix_decode, shared_prefix_prefill
 from .kv_cache import append_kv, copy_pages
 from .memory import Arena, PagePool, Transfer, VirtualTensor
+from .prefix_cache import PagedKVMover, PrefetchTicket, PrefixCache, PrefixMatch
 from .quant import (
     append_kv_int4,
     dequantize_kv_int4,
@@ -36,6 +37,10 @@ __all__ = [
     "Arena",
     "KVCoreError",
     "PagePool",
+    "PagedKVMover",
+    "PrefetchTicket",
+    "PrefixCache",
+    "PrefixMatch",
     "Transfer",
     "VirtualTensor",
     "__version__",
