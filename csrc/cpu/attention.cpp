@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "convert.h"
 #include "kvcore/attention.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
@@ -15,6 +16,17 @@ namespace kvcore {
 namespace {
 
 constexpr int64_t kTokensPerItem = 16;  // prefill queries per work item
+constexpr int64_t kKeyBlock = 64;       // keys converted and scored together
+
+// Eight independent partial sums, so the compiler can vectorize without reassociating.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
 constexpr int64_t kRowsPerPrefixItem = 64;
 
 // Host-side checks of the metadata every kernel trusts.
@@ -74,12 +86,8 @@ void load_kv_row(const KeySeq& ks, int64_t j, int64_t kv_head, const AttentionPa
   const int64_t d = p.head_dim;
   if (!kv.int4) {
     const bool bf16 = p.dtype == DType::BFloat16;
-    const uint16_t* krow = static_cast<const uint16_t*>(kv.k) + page * kv.k_page_stride + row * d;
-    const uint16_t* vrow = static_cast<const uint16_t*>(kv.v) + page * kv.v_page_stride + row * d;
-    for (int64_t i = 0; i < d; ++i) {
-      kf[i] = half_to_float(krow[i], bf16);
-      vf[i] = half_to_float(vrow[i], bf16);
-    }
+    cpu::half_row_to_float(static_cast<const uint16_t*>(kv.k) + page * kv.k_page_stride + row * d, kf, d, bf16);
+    cpu::half_row_to_float(static_cast<const uint16_t*>(kv.v) + page * kv.v_page_stride + row * d, vf, d, bf16);
     return;
   }
   auto dequantize = [&](const uint8_t* codes, int64_t codes_stride, const uint16_t* params, int64_t params_stride,
@@ -101,38 +109,52 @@ void attend(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t
   const int64_t d = p.head_dim;
   const bool bf16 = p.dtype == DType::BFloat16;
   const size_t n = static_cast<size_t>(rows), dd = static_cast<size_t>(d);
-  std::vector<float> q(n * dd), acc(n * dd, 0.f), m(n, -INFINITY), l(n, 0.f), kf(dd), vf(dd);
+  std::vector<float> q(n * dd), acc(n * dd, 0.f), m(n, -INFINITY), l(n, 0.f);
   std::vector<int64_t> pos(n);
   int64_t qlo = INT64_MAX, qhi = INT64_MIN;
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* src = q_row(r);
-    for (int64_t i = 0; i < d; ++i) q[size_t(r * d + i)] = half_to_float(src[i], bf16);
+    cpu::half_row_to_float(src, &q[size_t(r) * dd], d, bf16);
     if (ks.kv->int4) rotate_row(&q[size_t(r * d)], int(d), ks.kv->rot_block, ks.kv->rot_signs);  // scores in the rotated basis
     pos[size_t(r)] = qpos(r);
     qlo = std::min(qlo, pos[size_t(r)]);
     qhi = std::max(qhi, pos[size_t(r)]);
   }
   const KeyRange kr = visible_key_range(ks.num_keys, ks.key_base, qlo, qhi, p.causal, p.window);
-  for (int64_t j = kr.lo; j < kr.hi; ++j) {
-    load_kv_row(ks, j, kv_head, p, kf.data(), vf.data());
-    const int64_t kpos = ks.key_base + j;
+  // Keys in blocks: convert a block of K/V rows once, then per row one max, one rescale, and
+  // vectorizable dot products and axpys.
+  const size_t kb = static_cast<size_t>(kKeyBlock);
+  std::vector<float> kblock(kb * dd), vblock(kb * dd), scores(kb);
+  for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, kr.hi - j0);
+    for (int64_t jj = 0; jj < nk; ++jj)
+      load_kv_row(ks, j0 + jj, kv_head, p, &kblock[size_t(jj) * dd], &vblock[size_t(jj) * dd]);
     for (int64_t r = 0; r < rows; ++r) {
-      if (!key_visible(kpos, pos[size_t(r)], p.causal, p.window)) continue;
-      const float* qr = &q[size_t(r * d)];
-      float dot = 0.f;
-      for (int64_t i = 0; i < d; ++i) dot += qr[i] * kf[size_t(i)];
-      const float s = cap_logit(dot * p.scale, p.soft_cap);
-      float* ar = &acc[size_t(r * d)];
+      const float* qr = &q[size_t(r) * dd];
+      float block_max = -INFINITY;
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        float sc = -INFINITY;
+        if (key_visible(ks.key_base + j0 + jj, pos[size_t(r)], p.causal, p.window))
+          sc = cap_logit(dot(qr, &kblock[size_t(jj) * dd], d) * p.scale, p.soft_cap);
+        scores[size_t(jj)] = sc;
+        block_max = std::max(block_max, sc);
+      }
+      if (block_max == -INFINITY) continue;
+      float* ar = &acc[size_t(r) * dd];
       float& mr = m[size_t(r)];
-      if (s > mr) {
-        const float correction = std::exp(mr - s);  // 0 for the first key (mr = -inf)
+      if (block_max > mr) {
+        const float correction = std::exp(mr - block_max);  // 0 for the first block (mr = -inf)
         l[size_t(r)] *= correction;
         for (int64_t i = 0; i < d; ++i) ar[i] *= correction;
-        mr = s;
+        mr = block_max;
       }
-      const float e = std::exp(s - mr);
-      l[size_t(r)] += e;
-      for (int64_t i = 0; i < d; ++i) ar[i] += e * vf[size_t(i)];
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        if (scores[size_t(jj)] == -INFINITY) continue;
+        const float e = std::exp(scores[size_t(jj)] - mr);
+        l[size_t(r)] += e;
+        const float* vr = &vblock[size_t(jj) * dd];
+        for (int64_t i = 0; i < d; ++i) ar[i] += e * vr[i];
+      }
     }
   }
   std::vector<float> o(dd);
