@@ -29,11 +29,16 @@ void register_attention(nb::module_& m) {
          const std::optional<OutArray>& lse, float scale, float soft_cap, int64_t window, bool causal,
          StreamHandle stream) {
         const bool decode = !cu_seqlens_q.has_value();
-        AttentionArgs a = make_attention_args(
-            to_view(q, "q"), to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
-            optional_view(block_table, "block_table"), to_view(seq_lens, "seq_lens"),
-            optional_view(cu_seqlens_q, "cu_seqlens_q"), to_view(out, "out"), optional_view(lse, "lse"),
-            options(scale, soft_cap, window, causal), decode);
+        const TensorView q_v = to_view(q, "q");
+        const TensorView k_cache_v = to_view(k_cache, "k_cache");
+        const TensorView v_cache_v = to_view(v_cache, "v_cache");
+        const TensorView block_table_v = optional_view(block_table, "block_table");
+        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
+        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView lse_v = optional_view(lse, "lse");
+        AttentionArgs a = make_attention_args(q_v, k_cache_v, v_cache_v, block_table_v, seq_lens_v, cu_seqlens_q_v,
+                                              out_v, lse_v, options(scale, soft_cap, window, causal), decode);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) attention_cuda(a, stream);
         else attention_cpu(a);
@@ -50,14 +55,21 @@ void register_attention(nb::module_& m) {
          const std::optional<InArray>& cu_seqlens_q, const OutArray& out, const std::optional<OutArray>& lse,
          float scale, float soft_cap, int64_t window, bool causal, StreamHandle stream) {
         const bool decode = !cu_seqlens_q.has_value();
-        AttentionArgs suffix = make_attention_args(
-            to_view(q, "q"), to_view(k_cache, "k_cache"), to_view(v_cache, "v_cache"),
-            to_view(block_table, "block_table"), to_view(seq_lens, "seq_lens"),
-            optional_view(cu_seqlens_q, "cu_seqlens_q"), to_view(out, "out"), optional_view(lse, "lse"),
-            options(scale, soft_cap, window, causal), decode);
-        SharedPrefixArgs a = make_shared_prefix_args(suffix, to_view(prefix_block_table, "prefix_block_table"),
-                                                     to_view(prefix_lens, "prefix_lens"),
-                                                     to_view(group_indptr, "group_indptr"));
+        const TensorView q_v = to_view(q, "q");
+        const TensorView k_cache_v = to_view(k_cache, "k_cache");
+        const TensorView v_cache_v = to_view(v_cache, "v_cache");
+        const TensorView block_table_v = to_view(block_table, "block_table");
+        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
+        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView lse_v = optional_view(lse, "lse");
+        AttentionArgs suffix = make_attention_args(q_v, k_cache_v, v_cache_v, block_table_v, seq_lens_v,
+                                                   cu_seqlens_q_v, out_v, lse_v, options(scale, soft_cap, window,
+                                                   causal), decode);
+        const TensorView prefix_block_table_v = to_view(prefix_block_table, "prefix_block_table");
+        const TensorView prefix_lens_v = to_view(prefix_lens, "prefix_lens");
+        const TensorView group_indptr_v = to_view(group_indptr, "group_indptr");
+        SharedPrefixArgs a = make_shared_prefix_args(suffix, prefix_block_table_v, prefix_lens_v, group_indptr_v);
         nb::gil_scoped_release release;
         if (suffix.device.is_cuda()) shared_prefix_attention_cuda(a, stream);
         else shared_prefix_attention_cpu(a);
@@ -71,9 +83,13 @@ void register_attention(nb::module_& m) {
       "merge_states",
       [](const InArray& o_a, const InArray& lse_a, const InArray& o_b, const InArray& lse_b, const OutArray& out,
          const std::optional<OutArray>& lse_out, StreamHandle stream) {
-        MergeStatesArgs a = make_merge_states_args(to_view(o_a, "o_a"), to_view(lse_a, "lse_a"), to_view(o_b, "o_b"),
-                                                   to_view(lse_b, "lse_b"), to_view(out, "out"),
-                                                   optional_view(lse_out, "lse_out"));
+        const TensorView o_a_v = to_view(o_a, "o_a");
+        const TensorView lse_a_v = to_view(lse_a, "lse_a");
+        const TensorView o_b_v = to_view(o_b, "o_b");
+        const TensorView lse_b_v = to_view(lse_b, "lse_b");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView lse_out_v = optional_view(lse_out, "lse_out");
+        MergeStatesArgs a = make_merge_states_args(o_a_v, lse_a_v, o_b_v, lse_b_v, out_v, lse_out_v);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) merge_states_cuda(a, stream);
         else merge_states_cpu(a);

@@ -14,8 +14,10 @@ void register_quant(nb::module_& m) {
       "hadamard_transform",
       [](const InArray& x, const OutArray& out, int64_t block_size, const std::optional<InArray>& signs, bool inverse,
          StreamHandle stream) {
-        HadamardArgs a = make_hadamard_args(to_view(x, "x"), to_view(out, "out"), block_size,
-                                            optional_view(signs, "signs"), inverse);
+        const TensorView x_v = to_view(x, "x");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView signs_v = optional_view(signs, "signs");
+        HadamardArgs a = make_hadamard_args(x_v, out_v, block_size, signs_v, inverse);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) hadamard_transform_cuda(a, stream);
         else hadamard_transform_cpu(a);
@@ -28,10 +30,16 @@ void register_quant(nb::module_& m) {
       [](const InArray& k, const InArray& v, const OutArray& k_codes, const OutArray& k_params, const OutArray& v_codes,
          const OutArray& v_params, const InArray& slot_mapping, int64_t block_size, const std::optional<InArray>& signs,
          StreamHandle stream) {
-        AppendKVInt4Args a = make_append_kv_int4_args(
-            to_view(k, "k"), to_view(v, "v"), to_view(k_codes, "k_codes"), to_view(k_params, "k_params"),
-            to_view(v_codes, "v_codes"), to_view(v_params, "v_params"), to_view(slot_mapping, "slot_mapping"),
-            block_size, optional_view(signs, "signs"));
+        const TensorView k_v = to_view(k, "k");
+        const TensorView v_v = to_view(v, "v");
+        const TensorView k_codes_v = to_view(k_codes, "k_codes");
+        const TensorView k_params_v = to_view(k_params, "k_params");
+        const TensorView v_codes_v = to_view(v_codes, "v_codes");
+        const TensorView v_params_v = to_view(v_params, "v_params");
+        const TensorView slot_mapping_v = to_view(slot_mapping, "slot_mapping");
+        const TensorView signs_v = optional_view(signs, "signs");
+        AppendKVInt4Args a = make_append_kv_int4_args(k_v, v_v, k_codes_v, k_params_v, v_codes_v, v_params_v,
+                                                      slot_mapping_v, block_size, signs_v);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) append_kv_int4_cuda(a, stream);
         else append_kv_int4_cpu(a);
@@ -44,8 +52,11 @@ void register_quant(nb::module_& m) {
       "dequantize_kv_int4",
       [](const InArray& codes, const InArray& params, const OutArray& out, int64_t block_size,
          const std::optional<InArray>& signs, StreamHandle stream) {
-        DequantizeInt4Args a = make_dequantize_int4_args(to_view(codes, "codes"), to_view(params, "params"),
-                                                         to_view(out, "out"), block_size, optional_view(signs, "signs"));
+        const TensorView codes_v = to_view(codes, "codes");
+        const TensorView params_v = to_view(params, "params");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView signs_v = optional_view(signs, "signs");
+        DequantizeInt4Args a = make_dequantize_int4_args(codes_v, params_v, out_v, block_size, signs_v);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) dequantize_kv_int4_cuda(a, stream);
         else dequantize_kv_int4_cpu(a);
@@ -65,11 +76,20 @@ void register_quant(nb::module_& m) {
         o.soft_cap = soft_cap;
         o.window = window;
         o.causal = causal;
-        AttentionArgs a = make_attention_int4_args(
-            to_view(q, "q"), to_view(k_codes, "k_codes"), to_view(k_params, "k_params"), to_view(v_codes, "v_codes"),
-            to_view(v_params, "v_params"), optional_view(block_table, "block_table"), to_view(seq_lens, "seq_lens"),
-            optional_view(cu_seqlens_q, "cu_seqlens_q"), to_view(out, "out"), optional_view(lse, "lse"), o,
-            !cu_seqlens_q.has_value(), block_size, optional_view(signs, "signs"));
+        const TensorView q_v = to_view(q, "q");
+        const TensorView k_codes_v = to_view(k_codes, "k_codes");
+        const TensorView k_params_v = to_view(k_params, "k_params");
+        const TensorView v_codes_v = to_view(v_codes, "v_codes");
+        const TensorView v_params_v = to_view(v_params, "v_params");
+        const TensorView block_table_v = optional_view(block_table, "block_table");
+        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
+        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView lse_v = optional_view(lse, "lse");
+        const TensorView signs_v = optional_view(signs, "signs");
+        AttentionArgs a = make_attention_int4_args(q_v, k_codes_v, k_params_v, v_codes_v, v_params_v, block_table_v,
+                                                   seq_lens_v, cu_seqlens_q_v, out_v, lse_v, o,
+                                                   !cu_seqlens_q.has_value(), block_size, signs_v);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) attention_cuda(a, stream);
         else attention_cpu(a);
@@ -92,14 +112,24 @@ void register_quant(nb::module_& m) {
         o.soft_cap = soft_cap;
         o.window = window;
         o.causal = causal;
-        AttentionArgs suffix = make_attention_int4_args(
-            to_view(q, "q"), to_view(k_codes, "k_codes"), to_view(k_params, "k_params"), to_view(v_codes, "v_codes"),
-            to_view(v_params, "v_params"), to_view(block_table, "block_table"), to_view(seq_lens, "seq_lens"),
-            optional_view(cu_seqlens_q, "cu_seqlens_q"), to_view(out, "out"), optional_view(lse, "lse"), o,
-            !cu_seqlens_q.has_value(), block_size, optional_view(signs, "signs"));
-        SharedPrefixArgs a = make_shared_prefix_args(suffix, to_view(prefix_block_table, "prefix_block_table"),
-                                                     to_view(prefix_lens, "prefix_lens"),
-                                                     to_view(group_indptr, "group_indptr"));
+        const TensorView q_v = to_view(q, "q");
+        const TensorView k_codes_v = to_view(k_codes, "k_codes");
+        const TensorView k_params_v = to_view(k_params, "k_params");
+        const TensorView v_codes_v = to_view(v_codes, "v_codes");
+        const TensorView v_params_v = to_view(v_params, "v_params");
+        const TensorView block_table_v = to_view(block_table, "block_table");
+        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
+        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
+        const TensorView out_v = to_view(out, "out");
+        const TensorView lse_v = optional_view(lse, "lse");
+        const TensorView signs_v = optional_view(signs, "signs");
+        AttentionArgs suffix = make_attention_int4_args(q_v, k_codes_v, k_params_v, v_codes_v, v_params_v,
+                                                        block_table_v, seq_lens_v, cu_seqlens_q_v, out_v, lse_v, o,
+                                                        !cu_seqlens_q.has_value(), block_size, signs_v);
+        const TensorView prefix_block_table_v = to_view(prefix_block_table, "prefix_block_table");
+        const TensorView prefix_lens_v = to_view(prefix_lens, "prefix_lens");
+        const TensorView group_indptr_v = to_view(group_indptr, "group_indptr");
+        SharedPrefixArgs a = make_shared_prefix_args(suffix, prefix_block_table_v, prefix_lens_v, group_indptr_v);
         nb::gil_scoped_release release;
         if (suffix.device.is_cuda()) shared_prefix_attention_cuda(a, stream);
         else shared_prefix_attention_cpu(a);

@@ -80,6 +80,9 @@ def dequantize_kv_int4(codes, params, *, block_size=None, signs=None, stream=Non
     """Float32 values in the original (un-rotated) basis: codes [..., D/2], params [..., 2] ->
     [..., D]. For tests and debugging."""
     half = codes.shape[-1]
+    if tuple(params.shape) != tuple(codes.shape[:-1]) + (2,):
+        raise ValueError(f"params: expected shape {tuple(codes.shape[:-1]) + (2,)} (the codes' leading dims, then "
+                         f"(scale, min)), got {tuple(params.shape)}")
     flat_codes, flat_params = codes.reshape(-1, half), params.reshape(-1, 2)
     out = empty_like(flat_codes, (flat_codes.shape[0], 2 * half), "float32")
     _C.dequantize_kv_int4(flat_codes, flat_params, out, _block(block_size), signs, resolve_stream(stream, (codes,)))
