@@ -455,9 +455,10 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-// Each lane loads D/32 16-bit values at once, so pages must be aligned to D/16 bytes.
+// Decode lanes load D/32 16-bit values at once and the tensor-core tiles 16 bytes at once, so pages
+// must be 16-byte aligned (INT4 codes: 4-byte aligned).
 void check_kv_alignment(const PagedKV& kv, int64_t d) {
-  if (kv.int4) {  // the tensor-core path reads 4 code bytes at a time
+  if (kv.int4) {
     const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k_codes) | reinterpret_cast<uintptr_t>(kv.v_codes) |
                            uintptr_t(kv.k_codes_page_stride) | uintptr_t(kv.v_codes_page_stride);
     KVCORE_CHECK_VALUE(bits % 4 == 0, "k_codes/v_codes: CUDA attention needs 4-byte aligned pages");
@@ -465,8 +466,8 @@ void check_kv_alignment(const PagedKV& kv, int64_t d) {
   }
   const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k) | reinterpret_cast<uintptr_t>(kv.v) |
                          uintptr_t(kv.k_page_stride * 2) | uintptr_t(kv.v_page_stride * 2);
-  KVCORE_CHECK_VALUE(bits % uintptr_t(d / 16) == 0, "k_cache/v_cache: CUDA attention with head_dim ", d,
-                     " needs page addresses and strides aligned to ", d / 16, " bytes");
+  KVCORE_CHECK_VALUE(bits % 16 == 0, "k_cache/v_cache: CUDA attention with head_dim ", d,
+                     " needs page addresses and strides aligned to 16 bytes");
 }
 
 template <typename F>
