@@ -14,5 +14,6 @@ void register_memory(nb::module_& m);
 void register_attention(nb::module_& m);
 void register_quant(nb::module_& m);
 void register_prefix_cache(nb::module_& m);
+void register_comm(nb::module_& m);
 
 }  // namespace kvcore::bindings

@@ -9,4 +9,5 @@ NB_MODULE(_C, m) {
   kvcore::bindings::register_attention(m);
   kvcore::bindings::register_quant(m);
   kvcore::bindings::register_prefix_cache(m);
+  kvcore::bindings::register_comm(m);
 }

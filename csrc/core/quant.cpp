@@ -1,6 +1,8 @@
 // Argument validation for the INT4 family, shared by every backend.
 #include "kvcore/quant.h"
 
+#include <algorithm>
+
 #include "kvcore/error.h"
 
 namespace kvcore {
@@ -11,7 +13,8 @@ bool present(const TensorView& t) { return t.data != nullptr || t.ndim > 0; }
 }  // namespace
 
 Rotation make_rotation(int64_t head_dim, int64_t block, const TensorView& signs, const Device& device) {
-  if (block == 0) block = head_dim < 128 ? head_dim : 128;
+  // Default: min(D, 128) for power-of-two head dims; in general the largest power of two dividing D, up to 128.
+  if (block == 0) block = std::min<int64_t>(head_dim & -head_dim, 128);
   KVCORE_CHECK_VALUE(block > 0 && (block & (block - 1)) == 0 && head_dim % block == 0, "block_size: ", block,
                      " must be a power of two dividing head_dim ", head_dim);
   Rotation r;

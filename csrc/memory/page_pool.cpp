@@ -232,10 +232,10 @@ class VirtualTensorState {
     KVCORE_CHECK(!freed, "VirtualTensor.", op, ": the tensor was freed");
   }
   void check_range(const char* op, int64_t first, int64_t count) const {
-    // Written so huge arguments cannot overflow.
-    KVCORE_CHECK_INDEX(first >= 0 && count >= 0 && first <= num_pages() && count <= num_pages() - first, "VirtualTensor.", op,
-                       ": pages [", first, ", ", first + count, ") are out of range for a tensor of ",
-                       num_pages(), " pages");
+    // Written (check and message) so huge arguments cannot overflow.
+    KVCORE_CHECK_INDEX(first >= 0 && count >= 0 && first <= num_pages() && count <= num_pages() - first,
+                       "VirtualTensor.", op, ": ", count, " page(s) from page ", first,
+                       " are out of range for a tensor of ", num_pages(), " pages");
   }
 
   // Waits until nothing stale is mapped at page i (ordered release of an earlier unmap/offload).

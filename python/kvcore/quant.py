@@ -6,7 +6,8 @@ Format (per layer, K and V alike):
   params: float16 [num_pages, page_size, Hkv, 2] = (scale, min), asymmetric: x ~= code * scale + min,
           in the rotated basis.
 Before quantizing, each head vector x[D] is rotated: y = H (s * x), H the normalized block-diagonal
-Hadamard transform of block size b (a power of two dividing D; default min(D, 128)) and s optional
+Hadamard transform of block size b (a power of two dividing D; default min(D, 128), or in general the
+largest power of two dividing D up to 128) and s optional
 fixed signs (+1/-1, float32 [D], e.g. from `random_signs`). Attention rotates q the same way inside
 the kernel (scores need no un-rotation) and rotates the output back (V's rotation undone). Codes and
 params are bit-identical between the CPU and CUDA backends. 4.25 bits per element at D = 128 (vs 16).

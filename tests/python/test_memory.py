@@ -1120,7 +1120,7 @@ def test_bad_tensor_arguments():
     assert pool.stats()["tensors"] == 0
 
 
-# --- Library bugs (each check runs in a child process: the bug can corrupt memory) -------------
+# --- Huge arguments (each check runs in a child process: an overflowing check corrupts memory) ---
 
 
 _CHILD_PRELUDE = """\
@@ -1143,6 +1143,17 @@ def _child_outcome(body: str) -> str:
 
 
 I64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("call", [
+    f"vt.unmap(0, {I64_MAX})",
+    f"vt.map(0, {I64_MAX})",
+    f"vt.offload(0, {I64_MAX})",
+    f"vt.prefetch(0, {I64_MAX})",
+    f"vt.ensure({I64_MAX})",
+])
+def test_huge_counts_raise_index_error(call):
+    assert _child_outcome(call + "\nassert vt.mapped_pages() == [0, 1], vt.mapped_pages()") == "IndexError"
 
 
 @pytest.mark.parametrize("call", [

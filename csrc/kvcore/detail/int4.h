@@ -55,6 +55,8 @@ struct Int4Params {
 
 // Parameters of a row with extremes lo <= hi, rounded to float16 as stored.
 KVCORE_HD Int4Params int4_params(float lo, float hi) {
+  lo += 0.0f;  // -0 becomes +0: min/max reductions may pick either zero, the stored bits must not differ
+  hi += 0.0f;
   return {float_to_fp16((hi - lo) / 15.0f), float_to_fp16(lo)};
 }
 

@@ -5,6 +5,9 @@ achieved GB/s (bytes read + written), % of the measured device copy bandwidth, a
 over the best peer (numpy / torch) measured in the same run. Latency rows (the `memory` benchmark's
 map, unmap, alias and page creation) give microseconds per page and no GB/s; rows that carry a
 performance goal in `extra` get a met / NOT MET line under the table.
+
+`python -m kvcore.bench prefix-replay --trace PATH ...` replays a request trace through the prefix
+cache per policy (kvcore.bench.prefix_replay); the `prefix-cache` benchmark is its quick form.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from typing import Callable
 
 from ._harness import Device, Row, available_devices, copy_bandwidth, metadata, print_table, write_json
 from .attention import bench_attention
+from .comm import bench_comm, bench_comm_sim
+from .int4 import bench_int4, bench_int4_accuracy
 from .kv_cache import bench_append_kv, bench_copy_pages
 from .memory import bench_memory
+from .prefix_replay import bench_prefix_cache
 
 # name -> function(device, quick) -> rows. Later capabilities register themselves here.
 BENCHMARKS: dict[str, Callable[[Device, bool], list[Row]]] = {
@@ -22,6 +28,11 @@ BENCHMARKS: dict[str, Callable[[Device, bool], list[Row]]] = {
     "copy-pages": bench_copy_pages,
     "memory": bench_memory,
     "attention": bench_attention,
+    "prefix-cache": bench_prefix_cache,
+    "int4-accuracy": bench_int4_accuracy,
+    "int4": bench_int4,
+    "comm": bench_comm,
+    "comm-sim": bench_comm_sim,
 }
 
 __all__ = ["BENCHMARKS", "Device", "Row", "available_devices", "copy_bandwidth", "metadata", "print_table",

@@ -1,4 +1,9 @@
-"""`python -m kvcore.bench <name ...|all> [--device cpu|cuda|all] [--quick] [--json FILE]`."""
+"""`python -m kvcore.bench <name ...|all> [--device cpu|cuda|all] [--quick] [--json FILE]`.
+
+`python -m kvcore.bench prefix-replay --trace PATH [--gpu-blocks N] [--host-blocks M]
+[--policy lru,hot] [--json FILE]` replays a request trace through the prefix cache (see
+kvcore.bench.prefix_replay).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,14 @@ from . import BENCHMARKS, available_devices, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "prefix-replay":
+        from .prefix_replay import main as replay_main
+
+        return replay_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kvcore.bench", description=__doc__)
-    parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all")
+    parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all "
+                        "(or: prefix-replay --trace PATH ..., see prefix-replay --help)")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
                         help="where to run (default: every available device)")
     parser.add_argument("--quick", action="store_true", help="one small case per benchmark")

@@ -1,0 +1,285 @@
+"""Links: the transports a collective's slices travel over. Each offers one primitive, exchange():
+send a buffer to every peer and receive one from every peer, all ranks calling it in the same
+order. The collectives (_communicator.py) are built on it, so every link does the same arithmetic.
+
+- host: the PCIe path. On CPU ranks a named shared-memory segment (/dev/shm) that every rank of the
+  node maps: each rank owns an area with one region per destination, and two counters (posted,
+  done) order the rounds. The CUDA variant (GPU -> pinned shared memory -> peer GPU) is not built.
+- socket: TCP between every pair of ranks, the network path on machines without RDMA.
+
+Every wait is bounded by the link's timeout; a link that fails or times out is killed (its peers
+see it at once: a dead flag, or closed sockets) and raises LinkDown.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+import uuid
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+class LinkDown(RuntimeError):
+    """The link failed or timed out; its slice must be re-sent on another link."""
+
+
+def _wait(ready, deadline: float, what: str, dead=None) -> None:
+    """Polls ready() (yielding the CPU for the first 2 ms, then sleeping in growing steps);
+    LinkDown when dead() while still not ready, or at the deadline."""
+    spin_until = time.monotonic() + 2e-3
+    delay = 5e-5
+    while not ready():
+        # A peer may finish and close right after making us ready: check ready() once more.
+        if dead is not None and dead() and not ready():
+            raise LinkDown(f"{what}: a peer marked the link down")
+        now = time.monotonic()
+        if now > deadline:
+            raise LinkDown(f"{what}: timed out")
+        if now < spin_until:
+            os.sched_yield()
+        else:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5e-4)
+
+
+class Link:
+    """Common options: delay_s_per_mib (an artificial slowdown per MiB sent, for tests and
+    benchmarks), fail_at / fail_rank (this rank kills the link at its fail_at-th exchange)."""
+
+    kind = "?"
+
+    def __init__(self, rank: int, world_size: int, timeout: float, options: dict):
+        self.rank, self.world_size, self.timeout = rank, world_size, timeout
+        self.delay_s_per_mib = float(options.get("delay_s_per_mib", 0.0))
+        self.fail_at = options.get("fail_at")
+        self.fail_rank = int(options.get("fail_rank", 0))
+        self.exchanges = 0
+        self.up = True
+
+    def exchange(self, sends: list, recvs: list, max_bytes: int) -> None:
+        """Sends sends[p] to each peer p and receives recvs[p] (uint8 arrays, None for this rank).
+        max_bytes: the largest message of this exchange on any rank (every rank passes the same)."""
+        if not self.up:
+            raise LinkDown(f"{self.kind}: link is down")
+        self.exchanges += 1
+        if self.delay_s_per_mib > 0:
+            sent = sum(len(s) for s in sends if s is not None)
+            time.sleep(self.delay_s_per_mib * sent / MiB)
+        if self.fail_at is not None and self.exchanges > int(self.fail_at) and self.rank == self.fail_rank:
+            self._fail_partway(sends)
+            self.kill()
+            raise LinkDown(f"{self.kind}: killed by fail_at={self.fail_at} (fault injection)")
+        try:
+            self._exchange(sends, recvs, max_bytes)
+        except LinkDown:
+            self.kill()
+            raise
+        except OSError as e:
+            self.kill()
+            raise LinkDown(f"{self.kind}: {e}") from e
+
+    def _fail_partway(self, sends: list) -> None:
+        """Fault injection sends part of the data first, so the peers fail mid-transfer."""
+
+    def _exchange(self, sends: list, recvs: list, max_bytes: int) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        self.up = False
+
+    def close(self) -> None:
+        self.kill()
+
+
+class HostLink(Link):
+    """Shared memory on one node. Segment: world * 64 bytes of counters (posted, done, dead per
+    rank), then one area per rank split into world regions (region p: what the owner sends to p).
+    Messages longer than a region go in rounds; round k of rank r: wait until every rank finished
+    reading round k-1, write, post k, read every peer's round k, mark done k."""
+
+    kind = "host"
+    _HEADER = 64
+
+    def __init__(self, rank, world_size, timeout, options, store, prefix):
+        super().__init__(rank, world_size, timeout, options)
+        area = int(options.get("area_bytes", 4 * MiB))
+        self.region = max(64, area // world_size // 64 * 64)
+        size = world_size * self._HEADER + world_size * world_size * self.region
+        key = f"{prefix}/host/segment"
+        if rank == 0:
+            name = f"kvcore-comm-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+            store.set(key, name)
+        else:
+            name = store.get(key).decode()
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._bytes = np.frombuffer(self._map, np.uint8)
+        self._ctr = np.frombuffer(self._map, np.int64, count=world_size * self._HEADER // 8)
+        # Once every rank has mapped it, the name goes: nothing leaks, whatever happens later.
+        store.set(f"{prefix}/host/attached/{rank}", b"1")
+        if rank == 0:
+            for p in range(1, world_size):
+                store.get(f"{prefix}/host/attached/{p}")
+            os.unlink(f"/dev/shm/{name}")
+        self._round = 0
+
+    def _counter(self, rank: int, which: int) -> int:  # which: 0 posted, 1 done, 2 dead
+        return rank * (self._HEADER // 8) + which
+
+    def _region(self, owner: int, dest: int) -> np.ndarray:
+        start = self.world_size * self._HEADER + (owner * self.world_size + dest) * self.region
+        return self._bytes[start:start + self.region]
+
+    def _any_dead(self) -> bool:
+        return any(self._ctr[self._counter(p, 2)] for p in range(self.world_size))
+
+    def _exchange(self, sends, recvs, max_bytes):
+        R, me, ctr = self.region, self.rank, self._ctr
+        peers = [p for p in range(self.world_size) if p != me]
+        deadline = time.monotonic() + self.timeout
+        for start in range(0, max_bytes, R):
+            k = self._round + 1
+            _wait(lambda: all(ctr[self._counter(p, 1)] >= k - 1 for p in peers), deadline, "host", self._any_dead)
+            for p in peers:
+                piece = sends[p][start:start + R]
+                self._region(me, p)[:len(piece)] = piece
+            ctr[self._counter(me, 0)] = k  # x86 keeps stores in order: the data is visible first
+            for p in peers:
+                _wait(lambda: ctr[self._counter(p, 0)] >= k, deadline, "host", self._any_dead)
+                piece = recvs[p][start:start + R]
+                piece[:] = self._region(p, me)[:len(piece)]
+            ctr[self._counter(me, 1)] = k
+            self._round = k
+
+    def kill(self):
+        if self.up and hasattr(self, "_ctr"):
+            self._ctr[self._counter(self.rank, 2)] = 1
+        super().kill()
+
+    def close(self):
+        super().close()
+        if hasattr(self, "_map"):
+            self._bytes = self._ctr = None
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with the process
+                pass
+
+
+class SocketLink(Link):
+    """TCP between every pair of ranks (rank r connects to each lower rank); non-blocking sends and
+    receives to all peers at once, so no pair waits on another. Option: host (the address to listen
+    on and publish, default 127.0.0.1)."""
+
+    kind = "socket"
+    _CHUNK = 1 << 20
+
+    def __init__(self, rank, world_size, timeout, options, store, prefix):
+        super().__init__(rank, world_size, timeout, options)
+        host = options.get("host", "127.0.0.1")
+        deadline = time.monotonic() + timeout
+        listener = socket.create_server((host, 0), backlog=world_size)
+        listener.settimeout(timeout)
+        store.set(f"{prefix}/socket/{rank}", f"{host}:{listener.getsockname()[1]}")
+        self._socks: dict[int, socket.socket] = {}
+        try:
+            for p in range(rank):
+                addr, port = store.get(f"{prefix}/socket/{p}").decode().rsplit(":", 1)
+                while True:
+                    try:
+                        s = socket.create_connection((addr, int(port)), timeout=timeout)
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.01)
+                s.sendall(struct.pack("!i", rank))
+                self._socks[p] = s
+            for _ in range(rank + 1, world_size):
+                s, _ = listener.accept()
+                s.settimeout(timeout)
+                peer = struct.unpack("!i", self._recv_exact(s, 4))[0]
+                self._socks[peer] = s
+        finally:
+            listener.close()
+        for s in self._socks.values():
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+
+    @staticmethod
+    def _recv_exact(s, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("socket: peer closed during setup")
+            buf += chunk
+        return buf
+
+    def _exchange(self, sends, recvs, max_bytes):
+        sent = {p: 0 for p in self._socks if len(sends[p])}
+        got = {p: 0 for p in self._socks if len(recvs[p])}
+        by_sock = {s: p for p, s in self._socks.items()}
+        deadline = time.monotonic() + self.timeout
+        while sent or got:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LinkDown("socket: timed out")
+            readable, writable, _ = select.select([self._socks[p] for p in got], [self._socks[p] for p in sent], [],
+                                                  min(remaining, 0.5))
+            for s in writable:
+                p = by_sock[s]
+                try:
+                    sent[p] += s.send(sends[p][sent[p]:sent[p] + self._CHUNK])
+                except BlockingIOError:
+                    continue
+                if sent[p] == len(sends[p]):
+                    del sent[p]
+            for s in readable:
+                p = by_sock[s]
+                try:
+                    n = s.recv_into(recvs[p][got[p]:got[p] + self._CHUNK])
+                except BlockingIOError:
+                    continue
+                if n == 0:
+                    raise LinkDown(f"socket: rank {p} closed the connection")
+                got[p] += n
+                if got[p] == len(recvs[p]):
+                    del got[p]
+
+    def _fail_partway(self, sends):
+        for p, s in self._socks.items():
+            if sends[p] is not None and len(sends[p]) > 1:
+                try:
+                    s.send(sends[p][:len(sends[p]) // 2])
+                except OSError:
+                    pass
+                return
+
+    def kill(self):
+        for s in getattr(self, "_socks", {}).values():
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._socks = {}
+        super().kill()
+
+
+LINK_TYPES = {"host": HostLink, "socket": SocketLink}
+# Starting estimates for CPU ranks (bus bandwidth in bytes/s, latency in s per step); the balancer
+# corrects them from completion times. Configure per link with bandwidth_gbps= / latency_us=.
+DEFAULT_MODELS = {"host": (4e9, 100e-6), "socket": (1e9, 200e-6)}
