@@ -8,18 +8,6 @@
 #include "ndarray.h"
 
 namespace kvcore::bindings {
-namespace {
-
-AttentionOptions options(float scale, float soft_cap, int64_t window, bool causal) {
-  AttentionOptions o;
-  o.scale = scale;
-  o.soft_cap = soft_cap;
-  o.window = window;
-  o.causal = causal;
-  return o;
-}
-
-}  // namespace
 
 void register_attention(nb::module_& m) {
   m.def(
@@ -38,7 +26,7 @@ void register_attention(nb::module_& m) {
         const TensorView out_v = to_view(out, "out");
         const TensorView lse_v = optional_view(lse, "lse");
         AttentionArgs a = make_attention_args(q_v, k_cache_v, v_cache_v, block_table_v, seq_lens_v, cu_seqlens_q_v,
-                                              out_v, lse_v, options(scale, soft_cap, window, causal), decode);
+                                              out_v, lse_v, AttentionOptions{scale, soft_cap, window, causal}, decode);
         nb::gil_scoped_release release;
         if (a.device.is_cuda()) attention_cuda(a, stream);
         else attention_cpu(a);
@@ -64,8 +52,8 @@ void register_attention(nb::module_& m) {
         const TensorView out_v = to_view(out, "out");
         const TensorView lse_v = optional_view(lse, "lse");
         AttentionArgs suffix = make_attention_args(q_v, k_cache_v, v_cache_v, block_table_v, seq_lens_v,
-                                                   cu_seqlens_q_v, out_v, lse_v, options(scale, soft_cap, window,
-                                                   causal), decode);
+                                                   cu_seqlens_q_v, out_v, lse_v, AttentionOptions{scale, soft_cap, window, causal},
+                                                   decode);
         const TensorView prefix_block_table_v = to_view(prefix_block_table, "prefix_block_table");
         const TensorView prefix_lens_v = to_view(prefix_lens, "prefix_lens");
         const TensorView group_indptr_v = to_view(group_indptr, "group_indptr");

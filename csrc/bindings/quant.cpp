@@ -71,11 +71,7 @@ void register_quant(nb::module_& m) {
          const std::optional<InArray>& cu_seqlens_q, const OutArray& out, const std::optional<OutArray>& lse,
          int64_t block_size, const std::optional<InArray>& signs, float scale, float soft_cap, int64_t window,
          bool causal, StreamHandle stream) {
-        AttentionOptions o;
-        o.scale = scale;
-        o.soft_cap = soft_cap;
-        o.window = window;
-        o.causal = causal;
+        const AttentionOptions o{scale, soft_cap, window, causal};
         const TensorView q_v = to_view(q, "q");
         const TensorView k_codes_v = to_view(k_codes, "k_codes");
         const TensorView k_params_v = to_view(k_params, "k_params");
@@ -107,11 +103,7 @@ void register_quant(nb::module_& m) {
          const std::optional<InArray>& cu_seqlens_q, const OutArray& out, const std::optional<OutArray>& lse,
          int64_t block_size, const std::optional<InArray>& signs, float scale, float soft_cap, int64_t window,
          bool causal, StreamHandle stream) {
-        AttentionOptions o;
-        o.scale = scale;
-        o.soft_cap = soft_cap;
-        o.window = window;
-        o.causal = causal;
+        const AttentionOptions o{scale, soft_cap, window, causal};
         const TensorView q_v = to_view(q, "q");
         const TensorView k_codes_v = to_view(k_codes, "k_codes");
         const TensorView k_params_v = to_view(k_params, "k_params");

@@ -73,6 +73,9 @@ struct PrefixCache::Impl {
   std::vector<int64_t> free_slots;
   int64_t gpu_capacity = 0;
 
+  // GPU-resident nodes that are not locked: what eviction could free at most (pins aside).
+  int64_t gpu_unlocked = 0;
+
   // Hot policy: admission threshold and the ghost list of recently rejected page keys.
   double threshold = 1.0;
   std::deque<uint64_t> ghost_fifo;
@@ -175,6 +178,7 @@ struct PrefixCache::Impl {
   void set_gpu(int32_t id, int64_t page) {
     Node& n = nodes[size_t(id)];
     const bool had = n.gpu_page >= 0;
+    if (n.lock == 0) gpu_unlocked += (page >= 0) - had;
     n.gpu_page = page;
     if (page >= 0) page_state[size_t(page)] = kCached;
     const bool has = page >= 0;
@@ -301,16 +305,18 @@ struct PrefixCache::Impl {
     if (id == kNone) return -1;
     Node& n = nodes[size_t(id)];
     const int64_t page = n.gpu_page;
-    st.gpu_evictions++;
-    if (n.prefetched_unused) {
-      st.prefetches_wasted++;
-      n.prefetched_unused = false;
-    }
     if (n.host_slot < 0) {
       int64_t slot = -1;
       if (admit(n, now)) slot = take_host_slot(now);
       if (slot >= 0) {
-        if (mover) mover->offload({page}, {slot});
+        if (mover) {
+          try {
+            mover->offload({page}, {slot});
+          } catch (...) {  // nothing moved: the page stays cached on the GPU
+            free_slots.push_back(slot);
+            throw;
+          }
+        }
         n.host_slot = slot;
         n.host_hit = false;
         st.host_writes++;
@@ -319,6 +325,11 @@ struct PrefixCache::Impl {
         st.admissions_rejected++;
         if (hot_policy()) add_ghost(n.key);
       }
+    }
+    st.gpu_evictions++;
+    if (n.prefetched_unused) {
+      st.prefetches_wasted++;
+      n.prefetched_unused = false;
     }
     set_gpu(id, -1);
     release_gpu_page(page);
@@ -330,12 +341,17 @@ struct PrefixCache::Impl {
     for (int32_t x = id; x != kNone; x = nodes[size_t(x)].parent) {
       Node& n = nodes[size_t(x)];
       if (n.parent == kNone) break;  // roots stay locked
+      if (n.gpu_page >= 0 && (n.lock == 0) != (n.lock + delta == 0)) gpu_unlocked += n.lock == 0 ? -1 : 1;
       n.lock += delta;
       relist(x);
     }
   }
 
+  // Frees pages by eviction until n are free; evicts nothing when even evicting every unlocked page
+  // could not get there (a failed request must not flush the cache).
   int64_t make_free(int64_t n, double now) {
+    if (int64_t(free_pages.size()) >= n || int64_t(free_pages.size()) + gpu_unlocked < n)
+      return int64_t(free_pages.size());
     while (int64_t(free_pages.size()) < n)
       if (evict_one(now) < 0) break;
     return int64_t(free_pages.size());

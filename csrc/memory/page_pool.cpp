@@ -340,6 +340,15 @@ void PoolState::process(Pending& p) {
   for (EventId e : p.events) release(e);
 }
 
+// Appends one page copy, extending the last run when both sides continue it (one copy per run).
+void add_copy(std::vector<CopyRun>& runs, char* dst, const char* src, int64_t bytes) {
+  if (!runs.empty() && static_cast<char*>(runs.back().dst) + runs.back().bytes == dst &&
+      static_cast<const char*>(runs.back().src) + runs.back().bytes == src)
+    runs.back().bytes += bytes;
+  else
+    runs.push_back({dst, src, bytes});
+}
+
 // --- Transfer --------------------------------------------------------------------------------
 
 bool Transfer::done() const {
@@ -620,11 +629,7 @@ Transfer VirtualTensor::offload(int64_t first, int64_t count, StreamHandle strea
   for (int64_t i = 0; i < count; ++i) {
     char* dst = pool.host_base + slots[size_t(i)] * pool.page_bytes;
     const char* src = reinterpret_cast<const char*>(t.page_va(first + i));
-    if (!runs.empty() && static_cast<char*>(runs.back().dst) + runs.back().bytes == dst &&
-        static_cast<const char*>(runs.back().src) + runs.back().bytes == src)
-      runs.back().bytes += pool.page_bytes;
-    else
-      runs.push_back({dst, src, pool.page_bytes});
+    add_copy(runs, dst, src, pool.page_bytes);
   }
   EventId e;
   try {
@@ -678,11 +683,7 @@ Transfer VirtualTensor::prefetch(int64_t first, int64_t count, StreamHandle stre
     char* dst = reinterpret_cast<char*>(t.page_va(first + i));
     const EventId writer = pool.host_writer[size_t(slots[size_t(i)])];
     if (pool.event_alive(writer)) pool.backend->stream_wait(stream, writer);  // offload copy still running
-    if (!runs.empty() && static_cast<char*>(runs.back().dst) + runs.back().bytes == dst &&
-        static_cast<const char*>(runs.back().src) + runs.back().bytes == src)
-      runs.back().bytes += pool.page_bytes;
-    else
-      runs.push_back({dst, src, pool.page_bytes});
+    add_copy(runs, dst, src, pool.page_bytes);
   }
   EventId e;
   try {

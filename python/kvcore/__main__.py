@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     print("== Collectives: all-reduce / all-gather split over host (shared memory) and socket links, 2 CPU "
           "processes (bus bandwidth per link and aggregated), and the simulated 8-GPU nodes ==")
     rows += bench.run(["comm", "comm-sim"], ["cpu"], quick=True, copy_gbps=copy_gbps)
+    print()
+    print("== Prefix cache: trace replay (conversation trace, first 2000 requests unless --full; a synthetic "
+          "multi-turn workload without it) at GPU 1% / host 10% of its unique 512-token blocks, lru vs hot; "
+          "time us = replay time per prompt block ==")
+    from kvcore.bench import prefix_replay
+
+    pc_rows = bench.run(["prefix-cache"], ["cpu"], quick=not args.full, copy_gbps=copy_gbps)
+    prefix_replay.print_results(prefix_replay.results_from_rows(pc_rows))
+    rows += pc_rows
     if args.json:
         bench.write_json(args.json, rows, bench.metadata([bench.Device(d) for d in devices], copy_gbps))
     print()

@@ -16,6 +16,7 @@ also move the bytes. `now` arguments are seconds on any monotonic clock (default
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -48,7 +49,10 @@ class PrefetchTicket:
 
 
 def _tokens(tokens: Any) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(tokens))
+    arr = np.asarray(tokens)
+    if arr.ndim == 1 and arr.size == 0:
+        return np.zeros(0, np.int32)  # an empty prompt ([] is float64 to numpy)
+    arr = np.ascontiguousarray(arr) if arr.ndim == 1 else arr  # (ascontiguousarray makes 0-d 1-d)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"tokens: expected a 1-D sequence of integers, got {arr.dtype} with shape {arr.shape}")
     if arr.size and (arr.min() < -2**31 or arr.max() >= 2**31):
@@ -57,10 +61,10 @@ def _tokens(tokens: Any) -> np.ndarray:
 
 
 def _pages(pages: Any, name: str) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(pages))
+    arr = np.asarray(pages)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name}: expected a 1-D sequence of integer page ids")
-    return arr.astype(np.int64, copy=False)
+    return np.ascontiguousarray(arr).astype(np.int64, copy=False)
 
 
 class PrefixCache:
@@ -80,9 +84,13 @@ class PrefixCache:
     def __init__(self, page_tokens: int, gpu_pages: int, host_pages: int = 0, policy: str = "hot",
                  half_life: float = 600.0, page_bytes: int = 0, ghost_pages: int = 0,
                  admission_threshold: float = 1.5, adaptive: bool = True, mover: Any = None):
+        # The mover lives here, where Python's GC sees it; the native cache only holds a proxy with a
+        # weak reference back, so a mover that references this cache forms no uncollectable cycle.
+        self._mover = mover
+        proxy = None if mover is None else _MoverProxy(weakref.ref(self))
         self._native = _C.PrefixCache(int(page_tokens), int(gpu_pages), int(host_pages), str(policy),
                                       float(half_life), int(page_bytes), int(ghost_pages),
-                                      float(admission_threshold), bool(adaptive), mover)
+                                      float(admission_threshold), bool(adaptive), proxy)
         self.page_tokens = int(page_tokens)
         self.policy = str(policy)
 
@@ -149,6 +157,31 @@ class PrefixCache:
         ghost hits and the admission threshold; queried and inserted tokens, bytes moved each way,
         prefetches used and wasted."""
         return self._native.stats()
+
+
+class _MoverProxy:
+    """Forwards the native cache's mover calls to its PrefixCache's mover."""
+
+    def __init__(self, cache_ref: "weakref.ref[PrefixCache]"):
+        self._cache_ref = cache_ref
+
+    def _mover(self):
+        cache = self._cache_ref()
+        if cache is None:
+            raise RuntimeError("the PrefixCache of this mover is gone")
+        return cache._mover
+
+    def offload(self, gpu_pages, host_slots):
+        self._mover().offload(gpu_pages, host_slots)
+
+    def load(self, host_slots, gpu_pages):
+        return self._mover().load(host_slots, gpu_pages)
+
+    def done(self, token):
+        return self._mover().done(token)
+
+    def wait(self, token):
+        self._mover().wait(token)
 
 
 class PagedKVMover:

@@ -76,7 +76,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.cache = None
 
     @initialize(policy=st.sampled_from(["lru", "hot"]), gpu=st.integers(3, 8), host=st.sampled_from([0, 2, 5]),
-                threshold=st.sampled_from([0.0, 1.5, 3.0]), warm=st.lists(pages_st, max_size=3))
+                threshold=st.sampled_from([0.0, 0.0, 1.5, 3.0]), warm=st.lists(pages_st, max_size=3))
     def setup(self, policy, gpu, host, threshold, warm):
         self.policy, self.host_pages = policy, host
         self.gpu_cache = np.zeros((ID_ROOM, STAMP), np.int64)
@@ -518,6 +518,17 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         if self.handles:
             self.do_prefetch(*self.pick_handle(i))
 
+    @rule(ns=ns_st, pages=pages_st, hold=st.integers(0, 8))
+    def match_and_prefetch(self, ns, pages, hold):
+        """Matches, then brings the host run back; first holds up to `hold` free pages (so the GPU
+        may be too full for the whole run)."""
+        hold = min(hold, len(self.free_ids()))
+        if hold:
+            self.do_alloc(hold)
+        m, keys, d = self.do_match(ns, pages)
+        if m.host_tokens:
+            self.do_prefetch(*self.handles[-1])
+
     @rule(delta=st.integers(-3, 3))
     def resize(self, delta):
         target = self.capacity + delta
@@ -642,8 +653,8 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 
 
 PrefixCacheMachine.TestCase.settings = settings(
-    max_examples=80,
-    stateful_step_count=40,
+    max_examples=100,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

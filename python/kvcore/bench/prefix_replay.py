@@ -291,7 +291,8 @@ def is_default_conversation(trace: Trace, gpu: int, host: int) -> bool:
     return "conversation" in trace.name and (gpu, host) == want
 
 
-def print_results(results: dict[str, dict], out=sys.stdout, goal_lines: Iterable[tuple[str, bool]] = ()) -> None:
+def print_results(results: dict[str, dict], out=None, goal_lines: Iterable[tuple[str, bool]] = ()) -> None:
+    out = sys.stdout if out is None else out
     if not results:
         return
     first = next(iter(results.values()))
