@@ -1,10 +1,9 @@
-// INT4 ops: hadamard_transform, append_kv_int4, dequantize_kv_int4, and INT4 attention.
+// INT4 ops: hadamard_transform, append_kv_int4, dequantize_kv_int4 (INT4 attention: attention.cpp).
 #include <nanobind/stl/optional.h>
 
 #include <optional>
 
 #include "bindings.h"
-#include "kvcore/attention.h"
 #include "kvcore/quant.h"
 #include "ndarray.h"
 
@@ -63,74 +62,6 @@ void register_quant(nb::module_& m) {
       },
       nb::arg("codes"), nb::arg("params"), nb::arg("out").noconvert(), nb::arg("block_size"), nb::arg("signs").none(),
       nb::arg("stream"));
-
-  m.def(
-      "attention_int4",
-      [](const InArray& q, const InArray& k_codes, const InArray& k_params, const InArray& v_codes,
-         const InArray& v_params, const std::optional<InArray>& block_table, const InArray& seq_lens,
-         const std::optional<InArray>& cu_seqlens_q, const OutArray& out, const std::optional<OutArray>& lse,
-         int64_t block_size, const std::optional<InArray>& signs, float scale, float soft_cap, int64_t window,
-         bool causal, StreamHandle stream) {
-        const AttentionOptions o{scale, soft_cap, window, causal};
-        const TensorView q_v = to_view(q, "q");
-        const TensorView k_codes_v = to_view(k_codes, "k_codes");
-        const TensorView k_params_v = to_view(k_params, "k_params");
-        const TensorView v_codes_v = to_view(v_codes, "v_codes");
-        const TensorView v_params_v = to_view(v_params, "v_params");
-        const TensorView block_table_v = optional_view(block_table, "block_table");
-        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
-        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
-        const TensorView out_v = to_view(out, "out");
-        const TensorView lse_v = optional_view(lse, "lse");
-        const TensorView signs_v = optional_view(signs, "signs");
-        AttentionArgs a = make_attention_int4_args(q_v, k_codes_v, k_params_v, v_codes_v, v_params_v, block_table_v,
-                                                   seq_lens_v, cu_seqlens_q_v, out_v, lse_v, o,
-                                                   !cu_seqlens_q.has_value(), block_size, signs_v);
-        nb::gil_scoped_release release;
-        if (a.device.is_cuda()) attention_cuda(a, stream);
-        else attention_cpu(a);
-      },
-      nb::arg("q"), nb::arg("k_codes"), nb::arg("k_params"), nb::arg("v_codes"), nb::arg("v_params"),
-      nb::arg("block_table").none(), nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("out").noconvert(),
-      nb::arg("lse").noconvert().none(), nb::arg("block_size"), nb::arg("signs").none(), nb::arg("scale"),
-      nb::arg("soft_cap"), nb::arg("window"), nb::arg("causal"), nb::arg("stream"));
-
-  m.def(
-      "shared_prefix_attention_int4",
-      [](const InArray& q, const InArray& k_codes, const InArray& k_params, const InArray& v_codes,
-         const InArray& v_params, const InArray& prefix_block_table, const InArray& prefix_lens,
-         const InArray& group_indptr, const InArray& block_table, const InArray& seq_lens,
-         const std::optional<InArray>& cu_seqlens_q, const OutArray& out, const std::optional<OutArray>& lse,
-         int64_t block_size, const std::optional<InArray>& signs, float scale, float soft_cap, int64_t window,
-         bool causal, StreamHandle stream) {
-        const AttentionOptions o{scale, soft_cap, window, causal};
-        const TensorView q_v = to_view(q, "q");
-        const TensorView k_codes_v = to_view(k_codes, "k_codes");
-        const TensorView k_params_v = to_view(k_params, "k_params");
-        const TensorView v_codes_v = to_view(v_codes, "v_codes");
-        const TensorView v_params_v = to_view(v_params, "v_params");
-        const TensorView block_table_v = to_view(block_table, "block_table");
-        const TensorView seq_lens_v = to_view(seq_lens, "seq_lens");
-        const TensorView cu_seqlens_q_v = optional_view(cu_seqlens_q, "cu_seqlens_q");
-        const TensorView out_v = to_view(out, "out");
-        const TensorView lse_v = optional_view(lse, "lse");
-        const TensorView signs_v = optional_view(signs, "signs");
-        AttentionArgs suffix = make_attention_int4_args(q_v, k_codes_v, k_params_v, v_codes_v, v_params_v,
-                                                        block_table_v, seq_lens_v, cu_seqlens_q_v, out_v, lse_v, o,
-                                                        !cu_seqlens_q.has_value(), block_size, signs_v);
-        const TensorView prefix_block_table_v = to_view(prefix_block_table, "prefix_block_table");
-        const TensorView prefix_lens_v = to_view(prefix_lens, "prefix_lens");
-        const TensorView group_indptr_v = to_view(group_indptr, "group_indptr");
-        SharedPrefixArgs a = make_shared_prefix_args(suffix, prefix_block_table_v, prefix_lens_v, group_indptr_v);
-        nb::gil_scoped_release release;
-        if (suffix.device.is_cuda()) shared_prefix_attention_cuda(a, stream);
-        else shared_prefix_attention_cpu(a);
-      },
-      nb::arg("q"), nb::arg("k_codes"), nb::arg("k_params"), nb::arg("v_codes"), nb::arg("v_params"),
-      nb::arg("prefix_block_table"), nb::arg("prefix_lens"), nb::arg("group_indptr"), nb::arg("block_table"),
-      nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("out").noconvert(),
-      nb::arg("lse").noconvert().none(), nb::arg("block_size"), nb::arg("signs").none(), nb::arg("scale"),
-      nb::arg("soft_cap"), nb::arg("window"), nb::arg("causal"), nb::arg("stream"));
 }
 
 }  // namespace kvcore::bindings

@@ -95,8 +95,8 @@ def shared_prefix_decode(q, k_cache, v_cache, prefix_block_table, prefix_lens, g
     """
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse)
-    _C.shared_prefix_attention(q, k_cache, v_cache, prefix_block_table, prefix_lens, group_indptr, block_table,
-                               seq_lens, None, out, lse, scale_, cap, window_, True, resolve_stream(stream, (q,)))
+    _C.attention(q, k_cache, v_cache, block_table, seq_lens, None, out, lse, scale_, cap, window_, True,
+                 resolve_stream(stream, (q,)), prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)
 
 
@@ -107,9 +107,8 @@ def shared_prefix_prefill(q, k_cache, v_cache, prefix_block_table, prefix_lens, 
     last tokens of each request's suffix; they see the whole shared prefix and, causally, their suffix."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse)
-    _C.shared_prefix_attention(q, k_cache, v_cache, prefix_block_table, prefix_lens, group_indptr, block_table,
-                               seq_lens, cu_seqlens_q, out, lse, scale_, cap, window_, bool(causal),
-                               resolve_stream(stream, (q,)))
+    _C.attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, lse, scale_, cap, window_,
+                 bool(causal), resolve_stream(stream, (q,)), prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)
 
 

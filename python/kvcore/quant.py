@@ -118,9 +118,9 @@ def shared_prefix_decode_int4(q, k_codes, k_params, v_codes, v_params, prefix_bl
     """shared_prefix_decode over INT4 pages."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse)
-    _C.shared_prefix_attention_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens,
-                                    group_indptr, block_table, seq_lens, None, out, lse, _block(block_size), signs,
-                                    scale_, cap, window_, True, resolve_stream(stream, (q,)))
+    _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, None, out, lse,
+                      _block(block_size), signs, scale_, cap, window_, True, resolve_stream(stream, (q,)),
+                      prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)
 
 
@@ -130,7 +130,7 @@ def shared_prefix_prefill_int4(q, k_codes, k_params, v_codes, v_params, prefix_b
     """shared_prefix_prefill over INT4 pages."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse)
-    _C.shared_prefix_attention_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens,
-                                    group_indptr, block_table, seq_lens, cu_seqlens_q, out, lse, _block(block_size),
-                                    signs, scale_, cap, window_, bool(causal), resolve_stream(stream, (q,)))
+    _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, out, lse,
+                      _block(block_size), signs, scale_, cap, window_, bool(causal), resolve_stream(stream, (q,)),
+                      prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)
