@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix_replay.print_results(prefix_replay.results_from_rows(pc_rows))
     rows += pc_rows
     if args.json:
-        bench.write_json(args.json, rows, bench.metadata([bench.Device(d) for d in devices], copy_gbps))
+        bench.write_json(args.json, rows, bench.metadata([bench.Device(d) for d in devices], copy_gbps,
+                                                          module="kvcore"))
     print()
     print("all checks passed")
     return 0

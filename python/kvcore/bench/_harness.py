@@ -142,10 +142,11 @@ def print_table(rows: list[Row], copy_gbps: dict[str, float], out=sys.stdout) ->
         print(f"goal [{r.device}] {r.case}: {r.extra['goal']}: {verdict}", file=out)
 
 
-def metadata(devices: list[Device], copy_gbps: dict[str, float]) -> dict[str, Any]:
+def metadata(devices: list[Device], copy_gbps: dict[str, float], module: str = "kvcore.bench") -> dict[str, Any]:
+    """Run facts for a JSON result; `module` is the `python -m` entry point that produced it."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "kvcore.bench", *sys.argv[1:]]),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", module, *sys.argv[1:]]),
         "devices": {d.kind: d.name for d in devices},
         "copy_bandwidth_gbps": copy_gbps,
         "build_info": kvcore.build_info(),
