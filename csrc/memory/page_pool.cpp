@@ -270,6 +270,21 @@ class VirtualTensorState {
     }
   }
 
+  // A mapped page gives up its physical page logically now and physically once the work queued
+  // before the release has completed (its address stays mapped to it until then).
+  void retire_mapping(VPage& v) {
+    pool->pages[size_t(v.phys)].refs--;
+    pool->pages[size_t(v.phys)].stale++;
+    v.stale_phys = v.phys;
+    v.phys = -1;
+  }
+
+  // Throws ValueError naming the first page of [first, first + count) not in `state`.
+  void require_state(const char* op, int64_t first, int64_t count, VPage::State state, const char* what) const {
+    for (int64_t i = first; i < first + count; ++i)
+      KVCORE_CHECK_VALUE(pages[size_t(i)].state == state, "VirtualTensor.", op, ": page ", i, " is ", what);
+  }
+
   // Puts the zero page back under freshly mapped pages no work has touched yet.
   void unmap_now(int64_t first, int64_t count) { pool->backend->unmap(page_va(first), count); }
 
@@ -286,10 +301,7 @@ class VirtualTensorState {
         v.host = -1;
       } else if (v.state == VPage::State::Mapped) {
         settle(i);
-        pool->pages[size_t(v.phys)].refs--;
-        pool->pages[size_t(v.phys)].stale++;
-        v.stale_phys = v.phys;
-        v.phys = -1;
+        retire_mapping(v);
         p.vpages.push_back(i);
       }
       v.state = VPage::State::Unmapped;
@@ -612,9 +624,7 @@ Transfer VirtualTensor::offload(int64_t first, int64_t count, StreamHandle strea
   std::lock_guard<std::recursive_mutex> lock(pool.mu);
   t.check_alive("offload");
   t.check_range("offload", first, count);
-  for (int64_t i = first; i < first + count; ++i)
-    KVCORE_CHECK_VALUE(t.pages[size_t(i)].state == VPage::State::Mapped, "VirtualTensor.offload: page ", i,
-                       " is not mapped");
+  t.require_state("offload", first, count, VPage::State::Mapped, "not mapped");
   pool.drain();
   KVCORE_CHECK_MEMORY(int64_t(pool.host_free.size()) >= count, "VirtualTensor.offload: the host tier is full: ",
                       count, " slot(s) needed, ", pool.host_free.size(), " free of ", pool.host_slots);
@@ -644,11 +654,8 @@ Transfer VirtualTensor::offload(int64_t first, int64_t count, StreamHandle strea
   p.events.push_back(e);
   for (int64_t i = 0; i < count; ++i) {
     VPage& v = t.pages[size_t(first + i)];
-    pool.pages[size_t(v.phys)].refs--;
-    pool.pages[size_t(v.phys)].stale++;
-    v.stale_phys = v.phys;
+    t.retire_mapping(v);
     v.stale_event = e;
-    v.phys = -1;
     v.state = VPage::State::Offloaded;
     v.host = slots[size_t(i)];
     pool.host_writer[size_t(v.host)] = e;
@@ -667,9 +674,7 @@ Transfer VirtualTensor::prefetch(int64_t first, int64_t count, StreamHandle stre
   std::lock_guard<std::recursive_mutex> lock(pool.mu);
   t.check_alive("prefetch");
   t.check_range("prefetch", first, count);
-  for (int64_t i = first; i < first + count; ++i)
-    KVCORE_CHECK_VALUE(t.pages[size_t(i)].state == VPage::State::Offloaded, "VirtualTensor.prefetch: page ", i,
-                       " is not offloaded");
+  t.require_state("prefetch", first, count, VPage::State::Offloaded, "not offloaded");
   Transfer result;
   if (count == 0) return result;
   for (int64_t i = first; i < first + count; ++i) t.settle(i);
