@@ -403,7 +403,8 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         if gpu_pages is not None and len(gpu_pages) == len(keys):
             cached_gpu = self.do_insert(ns, pages, partial, gpu_pages)
             if cached_gpu is not None:  # free our duplicates (pages we passed for the cached run)
-                dups = [p for p in gpu_pages[:cached_gpu] if p in self.held]
+                # (each once: a `bad` call may list one held page at several cached positions)
+                dups = list(dict.fromkeys(p for p in gpu_pages[:cached_gpu] if p in self.held))
                 if dups:
                     self.cache.free(np.asarray(dups, np.int64))
                     self.held.difference_update(dups)
