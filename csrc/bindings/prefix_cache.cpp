@@ -60,7 +60,7 @@ void register_prefix_cache(nb::module_& m) {
       .def("__init__",
            [](PrefixCache* self, int64_t page_tokens, int64_t gpu_pages, int64_t host_pages, const std::string& policy,
               double half_life, int64_t page_bytes, int64_t ghost_pages, double admission_threshold,
-              bool adaptive, nb::object mover) {
+              bool adaptive, double host_write_budget, nb::object mover) {
              PrefixCacheConfig c;
              c.page_tokens = page_tokens;
              c.gpu_pages = gpu_pages;
@@ -71,13 +71,14 @@ void register_prefix_cache(nb::module_& m) {
              c.ghost_pages = ghost_pages;
              c.admission_threshold = admission_threshold;
              c.adaptive = adaptive;
+             c.host_write_budget = host_write_budget;
              std::shared_ptr<PageMover> m;
              if (!mover.is_none()) m = std::make_shared<PyPageMover>(mover);
              new (self) PrefixCache(c, std::move(m));
            },
            nb::arg("page_tokens"), nb::arg("gpu_pages"), nb::arg("host_pages"), nb::arg("policy"),
            nb::arg("half_life"), nb::arg("page_bytes"), nb::arg("ghost_pages"), nb::arg("admission_threshold"),
-           nb::arg("adaptive"), nb::arg("mover").none())
+           nb::arg("adaptive"), nb::arg("host_write_budget"), nb::arg("mover").none())
       .def("match",
            [](PrefixCache& c, const Tokens& tokens, int64_t ns, nb::object now) {
              PrefixCache::Match r = c.match(tokens.data(), int64_t(tokens.shape(0)), ns, now_or_clock(now));
@@ -142,6 +143,7 @@ void register_prefix_cache(nb::module_& m) {
         host["evictions_unused"] = s.host_evictions_unused;
         host["admissions_rejected"] = s.admissions_rejected;
         host["ghost_hits"] = s.ghost_hits;
+        host["budget_admitted"] = s.budget_admitted;
         host["admission_threshold"] = s.admission_threshold;
         d["gpu"] = gpu;
         d["host"] = host;

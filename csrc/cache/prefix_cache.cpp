@@ -7,7 +7,6 @@
 #include <deque>
 #include <set>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "kvcore/error.h"
 
@@ -53,6 +52,8 @@ struct Node {
   bool alive = false;
   bool prefetched_unused = false;   // brought back from the host and not hit since
   bool host_hit = false;            // hit while on the host since it was admitted
+  bool budgeted = false;            // first-seen page of a run admitted under the host-write budget
+  bool by_history = false;          // on the host because its hotness reached the threshold
   int64_t ns = 0;
 };
 
@@ -76,10 +77,19 @@ struct PrefixCache::Impl {
   // GPU-resident nodes that are not locked: what eviction could free at most (pins aside).
   int64_t gpu_unlocked = 0;
 
-  // Hot policy: admission threshold and the ghost list of recently rejected page keys.
+  // Hot policy: admission threshold, the ghost list of recently rejected pages (key -> hotness and
+  // time at rejection) and the host-write budget's balance in pages (capped: no unbounded bursts).
+  struct Ghost {
+    double hot, last;
+  };
+  static constexpr double kWriteBudgetCap = 1024;
+  // Threshold steps: a wrongly rejected page costs a prefill, about ten times a page write over
+  // PCIe, so ten history pages evicted unused weigh as much as one ghost hit.
+  static constexpr double kLower = 0.9, kRaise = 1.0106;
   double threshold = 1.0;
   std::deque<uint64_t> ghost_fifo;
-  std::unordered_set<uint64_t> ghost;
+  std::unordered_map<uint64_t, Ghost> ghost;
+  double write_tokens = 0;
   PrefixCacheStats st;
 
   enum PageState : uint8_t { kFree = 0, kHeld = 1, kCached = 2, kRemoved = 3 };
@@ -90,7 +100,7 @@ struct PrefixCache::Impl {
   double decayed(const Node& n, double now) const {
     return n.hot * std::exp2(-(now - n.last) / cfg.half_life);
   }
-  double rank_of(const Node& n) const {
+  double gpu_rank(const Node& n) const {
     // Static keys: LRU by last access; hot by log2(H) + t_last / half_life (time-invariant order).
     return hot_policy() ? std::log2(std::max(n.hot, 1e-300)) + n.last / cfg.half_life : n.last;
   }
@@ -158,11 +168,12 @@ struct PrefixCache::Impl {
   void relist(int32_t id) {
     unlist(id);
     Node& n = nodes[size_t(id)];
-    n.rank = rank_of(n);
     if (gpu_evictable(n)) {
+      n.rank = gpu_rank(n);
       gpu_leaves.insert({n.rank, id});
       n.in_gpu_set = true;
     } else if (host_evictable(n)) {
+      n.rank = n.last;  // host pages: least recently used first, for both policies
       host_leaves.insert({n.rank, id});
       n.in_host_set = true;
     }
@@ -189,10 +200,10 @@ struct PrefixCache::Impl {
     relist(id);
   }
 
-  void add_ghost(uint64_t key) {
+  void add_ghost(const Node& n) {
     const size_t cap = size_t(cfg.ghost_pages > 0 ? cfg.ghost_pages : std::max<int64_t>(cfg.host_pages, 64));
-    if (ghost.insert(key).second) ghost_fifo.push_back(key);
-    while (ghost_fifo.size() > cap) {
+    if (ghost.insert_or_assign(n.key, Ghost{n.hot, n.last}).second) ghost_fifo.push_back(n.key);
+    while (ghost_fifo.size() > cap) {  // stale fifo entries (already taken back by insert) just fall out
       ghost.erase(ghost_fifo.front());
       ghost_fifo.pop_front();
     }
@@ -262,7 +273,7 @@ struct PrefixCache::Impl {
       st.host_evictions++;
       if (!n.host_hit) {
         st.host_evictions_unused++;
-        if (hot_policy() && cfg.adaptive) threshold = std::min(threshold * 1.05, 1e6);  // admitted too eagerly
+        if (hot_policy() && cfg.adaptive && n.by_history) threshold = std::min(threshold * kRaise, 1e6);  // too eager
       }
     }
     free_slots.push_back(n.host_slot);
@@ -286,12 +297,13 @@ struct PrefixCache::Impl {
     return s;
   }
 
-  bool admit(const Node& n, double now) {
+  bool admit(const Node& n) const {
     if (cfg.host_pages == 0) return false;
     if (!hot_policy()) return true;  // write-everything baseline
     // Hotness as of the last access: at eviction every page has decayed below the fresh ones (that
-    // is what made it the coldest), so the decayed value cannot tell reused pages apart.
-    return n.hot >= threshold;
+    // is what made it the coldest), so the decayed value cannot tell reused pages apart. A page
+    // with hot == 1 was never reused: only the write budget admits it.
+    return (n.hot > 1 && n.hot >= threshold) || n.budgeted;
   }
 
   // Evicts one GPU leaf; returns its page id, or -1 when nothing is evictable.
@@ -307,7 +319,7 @@ struct PrefixCache::Impl {
     const int64_t page = n.gpu_page;
     if (n.host_slot < 0) {
       int64_t slot = -1;
-      if (admit(n, now)) slot = take_host_slot(now);
+      if (admit(n)) slot = take_host_slot(now);
       if (slot >= 0) {
         if (mover) {
           try {
@@ -319,11 +331,16 @@ struct PrefixCache::Impl {
         }
         n.host_slot = slot;
         n.host_hit = false;
+        n.by_history = n.hot > 1;
         st.host_writes++;
         st.bytes_to_host += cfg.page_bytes;
+        if (hot_policy()) {
+          write_tokens -= 1;  // every write spends the budget; pages with a history may overdraw it
+          if (n.hot <= 1) st.budget_admitted++;
+        }
       } else {
         st.admissions_rejected++;
-        if (hot_policy()) add_ghost(n.key);
+        if (hot_policy()) add_ghost(n);
       }
     }
     st.gpu_evictions++;
@@ -366,6 +383,8 @@ PrefixCache::PrefixCache(const PrefixCacheConfig& config, std::shared_ptr<PageMo
                      "PrefixCache: host_pages must be in [0, 2^31), got ", config.host_pages);
   KVCORE_CHECK_VALUE(config.half_life > 0, "PrefixCache: half_life must be positive, got ", config.half_life);
   KVCORE_CHECK_VALUE(config.page_bytes >= 0, "PrefixCache: page_bytes must be >= 0");
+  KVCORE_CHECK_VALUE(config.host_write_budget >= 0, "PrefixCache: host_write_budget must be >= 0, got ",
+                     config.host_write_budget);
   Impl& s = *impl_;
   s.cfg = config;
   s.mover = std::move(mover);
@@ -408,14 +427,20 @@ PrefixCache::Match PrefixCache::match(const int32_t* tokens, int64_t n, int64_t 
   m.gpu_tokens = int64_t(m.gpu_pages.size()) * pt;
   m.host_tokens = i * pt - m.gpu_tokens;
   m.handle = i > 0 ? s.handle_of(cur) : -1;
-  // Requests for recently rejected pages: the admission threshold was too high.
-  if (s.hot_policy() && i < pages && !s.ghost.empty()) {
-    uint64_t key = s.nodes[size_t(cur)].key;
-    for (int64_t j = i; j < pages; ++j) {
-      key = page_hash(key, tokens + j * pt, pt);
-      if (s.ghost.erase(key)) {
-        s.st.ghost_hits++;
-        if (s.cfg.adaptive) s.threshold = std::max(s.threshold * 0.9, 1e-3);
+  if (s.hot_policy()) {
+    if (pages > 0) s.write_tokens = std::min(s.write_tokens + s.cfg.host_write_budget * double(pages), Impl::kWriteBudgetCap);
+    // Requests for recently rejected pages: the admission threshold was too high. The entries stay
+    // until insert takes their history back.
+    if (i < pages && !s.ghost.empty()) {
+      uint64_t key = s.nodes[size_t(cur)].key;
+      for (int64_t j = i; j < pages; ++j) {
+        key = page_hash(key, tokens + j * pt, pt);
+        auto g = s.ghost.find(key);
+        if (g != s.ghost.end()) {
+          s.st.ghost_hits++;
+          // Only pages the threshold turned away say it is too high (first-seen pages answer to the budget).
+          if (s.cfg.adaptive && g->second.hot > 1) s.threshold = std::max(s.threshold * Impl::kLower, 1.0);
+        }
       }
     }
   }
@@ -464,7 +489,9 @@ int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu
     for (int64_t j = cached_gpu; j < i; ++j)
       KVCORE_CHECK_VALUE(gpu_pages[j] != p, "PrefixCache.insert: page ", p, " is listed twice");
   }
-  // Apply.
+  // Apply. The new run's first-seen pages are admitted to the host whole or not at all.
+  const bool run_budgeted =
+      s.hot_policy() && (std::isinf(s.cfg.host_write_budget) || s.write_tokens >= double(pages - existing));
   cur = s.root(ns);
   for (int64_t i = 0; i < pages; ++i) {
     const int32_t* page_tokens = tokens + i * pt;
@@ -478,6 +505,12 @@ int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu
       node.tokens.assign(page_tokens, page_tokens + pt);
       node.hot = 1;
       node.last = now;
+      auto g = s.ghost.find(key);
+      if (g != s.ghost.end()) {  // requested again after a rejection: it keeps its history
+        node.hot = g->second.hot * std::exp2(-(now - g->second.last) / s.cfg.half_life) + 1;
+        s.ghost.erase(g);
+      }
+      node.budgeted = run_budgeted && node.hot <= 1;
       s.index[key] = c;
       s.link_child(cur, c);
       s.relist(cur);

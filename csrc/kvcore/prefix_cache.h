@@ -7,13 +7,17 @@
 // prefix-closed subtree, so a match is a GPU run followed by a host run.
 //
 // Eviction is tree-constrained (leaves first) and ordered in O(log n) sets by a static rank:
-// LRU uses the last access time; "hot" uses log2(H) + t_last / half_life for the decayed hit count
-// H = H * 2^(-dt / half_life) + 1 (the rank of a decayed score does not change as time passes).
-// On GPU eviction, "lru" writes every page to the host (the SGLang-style baseline); "hot" admits a
-// page only when its decayed hotness reaches a threshold that adapts to the workload: a request
-// for a recently rejected page (found in a ghost list) lowers it, a host page evicted without ever
-// being hit raises it.
-//
+// LRU uses the last access time; "hot" ranks GPU pages by log2(H) + t_last / half_life for the
+// decayed hit count H = H * 2^(-dt / half_life) + 1 (the rank of a decayed score does not change as
+// time passes) and host pages by last access (reuse on the host tier is recency-driven).
+// On GPU eviction, "lru" writes every page to the host (the SGLang-style baseline). "hot" admits:
+// - pages with a reuse history whose hotness reaches a threshold that adapts to the workload: a
+//   request for a recently rejected page (found in the ghost list) lowers it, a host page evicted
+//   without ever being hit raises it. The ghost list also keeps a rejected page's hotness, so a page
+//   requested again after its rejection comes back with its history instead of as a new page;
+// - first-seen pages only while a host-write budget (writes per queried page) has room, decided once
+//   per inserted run so a run is admitted whole or not at all (a page is useless on the host
+//   without its parent).
 // The cache owns the GPU page-id space [0, gpu_pages): ids are free, held by the caller (from
 // alloc), or cached in the tree. A PageMover moves the bytes when the pages are real; without one
 // the cache works standalone over abstract ids (simulation, trace replay).
@@ -39,6 +43,8 @@ struct PrefixCacheConfig {
   int64_t ghost_pages = 0;    // size of the ghost list of rejected pages (0: host_pages)
   double admission_threshold = 1.5;  // hot policy: initial decayed hotness needed for host admission
   bool adaptive = true;       // hot policy: adapt the threshold (ghost hits lower it, unused evictions raise it)
+  double host_write_budget = 0.3;  // hot policy: host writes per queried page that first-seen pages may use
+                                   // (infinity: admit every first-seen page; 0: only pages with a history)
 };
 
 // Moves page contents between the tiers, ordered with the work that reads them (e.g. one CUDA
@@ -62,6 +68,7 @@ struct PrefixCacheStats {
   int64_t host_writes = 0;            // pages written to the host tier
   int64_t admissions_rejected = 0;
   int64_t ghost_hits = 0;             // requests for recently rejected pages
+  int64_t budget_admitted = 0;        // first-seen pages written to the host under the write budget
   int64_t gpu_evictions = 0;
   int64_t host_evictions = 0;
   int64_t host_evictions_unused = 0;  // host pages evicted without a hit

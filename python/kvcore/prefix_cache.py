@@ -4,9 +4,12 @@ A radix tree over token sequences in units of `page_tokens` tokens (one node per
 partial last page is never cached), with one root per namespace (model, adapter, tenant). Each
 node knows its GPU page, its host slot, a lock count and a decayed hotness. Eviction is
 tree-constrained (leaves first) and ordered in O(log n) sets: `lru` by last access (the SGLang-style
-baseline, writing every evicted page to the host) or `hot` by decayed hit count
-H = H * 2**(-dt / half_life) + 1, with admission to the host only above a threshold that adapts to the
-workload (a ghost list of recently rejected pages lowers it, host pages evicted unused raise it).
+baseline, writing every evicted page to the host) or `hot`: GPU pages by decayed hit count
+H = H * 2**(-dt / half_life) + 1, host pages by last access, and host admission limited to pages
+with a reuse history whose hotness reaches a threshold that adapts to the workload (a ghost list of
+recently rejected pages lowers it and gives a page requested again its history back; host pages
+evicted unused raise it), plus first-seen pages while a host-write budget has room (whole inserted
+runs, since a page is useless on the host without its parent).
 
 The cache owns the GPU page ids [0, gpu_pages): `alloc` hands free ones to the engine (evicting as
 needed), `insert` adopts them into the tree, `free` returns unused ones. Standalone it works over
@@ -77,20 +80,25 @@ class PrefixCache:
       ghost_pages: size of the ghost list (default: host_pages).
       admission_threshold: "hot": the decayed hotness a page needs for host admission (initially).
       adaptive: "hot": adapt the threshold to the workload.
+      host_write_budget: "hot": host writes per queried page that first-seen pages may use on
+        average (None or inf: admit every first-seen page; 0: only pages with a reuse history).
       mover: an object with offload(gpu_pages, host_slots), load(host_slots, gpu_pages) -> token,
         done(token) and wait(token) that moves the bytes; None for a standalone cache.
     """
 
     def __init__(self, page_tokens: int, gpu_pages: int, host_pages: int = 0, policy: str = "hot",
                  half_life: float = 600.0, page_bytes: int = 0, ghost_pages: int = 0,
-                 admission_threshold: float = 1.5, adaptive: bool = True, mover: Any = None):
+                 admission_threshold: float = 1.5, adaptive: bool = True,
+                 host_write_budget: float | None = 0.3, mover: Any = None):
         # The mover lives here, where Python's GC sees it; the native cache only holds a proxy with a
         # weak reference back, so a mover that references this cache forms no uncollectable cycle.
         self._mover = mover
         proxy = None if mover is None else _MoverProxy(weakref.ref(self))
         self._native = _C.PrefixCache(int(page_tokens), int(gpu_pages), int(host_pages), str(policy),
                                       float(half_life), int(page_bytes), int(ghost_pages),
-                                      float(admission_threshold), bool(adaptive), proxy)
+                                      float(admission_threshold), bool(adaptive),
+                                      float("inf") if host_write_budget is None else float(host_write_budget),
+                                      proxy)
         self.page_tokens = int(page_tokens)
         self.policy = str(policy)
 
@@ -154,7 +162,7 @@ class PrefixCache:
 
     def stats(self) -> dict:
         """Per tier: hit tokens, capacity and occupancy, evictions; host writes, admissions rejected,
-        ghost hits and the admission threshold; queried and inserted tokens, bytes moved each way,
+        ghost hits, first-seen pages admitted under the write budget and the admission threshold; queried and inserted tokens, bytes moved each way,
         prefetches used and wasted."""
         return self._native.stats()
 

@@ -318,10 +318,47 @@ TEST(PrefixCacheHost, HotAdmitsOnlyHotPagesAndAdapts) {
   EXPECT_EQ(s.host_writes, 1);
   EXPECT_EQ(s.admissions_rejected, 1);
   EXPECT_EQ(match(c, toks({1}), 4).host_tokens, kPT);
-  EXPECT_EQ(match(c, toks({2}), 4).handle, -1);  // dropped; a ghost hit lowers the threshold
+  EXPECT_EQ(match(c, toks({2}), 4).handle, -1);  // dropped: a ghost hit, but of a first-seen page
   s = c.stats();
   EXPECT_EQ(s.ghost_hits, 1);
-  EXPECT_NEAR(s.admission_threshold, 1.35, 1e-12);
+  EXPECT_DOUBLE_EQ(s.admission_threshold, 1.5);  // first-seen pages answer to the write budget
+  serve(c, toks({2}), 5);  // back with its history (hotness ~2): admitted at its next eviction
+  c.evict(2, 6);
+  s = c.stats();
+  EXPECT_EQ(s.host_writes, 2);
+  EXPECT_EQ(s.budget_admitted, 0);
+  EXPECT_EQ(match(c, toks({2}), 7).host_tokens, kPT);
+}
+
+TEST(PrefixCacheHost, HotGhostHitOfAHistoryPageLowersTheThreshold) {
+  PrefixCacheConfig cfg = config(1, 4, CachePolicy::Hot);
+  cfg.adaptive = true;
+  cfg.admission_threshold = 3.0;
+  cfg.host_write_budget = 0;
+  PrefixCache c(cfg);
+  serve(c, toks({1}), 1);
+  serve(c, toks({1}), 1);  // hotness 2 < 3
+  c.evict(1, 2);
+  EXPECT_EQ(c.stats().admissions_rejected, 1);
+  EXPECT_EQ(match(c, toks({1}), 3).handle, -1);
+  EXPECT_NEAR(c.stats().admission_threshold, 2.7, 1e-12);
+}
+
+TEST(PrefixCacheHost, HotWriteBudgetAdmitsWholeRuns) {
+  PrefixCacheConfig cfg = config(4, 8, CachePolicy::Hot);
+  cfg.adaptive = false;
+  cfg.host_write_budget = 0.5;
+  PrefixCache c(cfg);
+  serve(c, toks({1, 2}), 1);  // 1 page of budget for a 2-page run: rejected whole
+  c.evict(2, 2);
+  EXPECT_EQ(c.stats().host_writes, 0);
+  serve(c, toks({3, 4}), 3);  // balance 2: this run fits
+  c.evict(2, 4);
+  PrefixCacheStats s = c.stats();
+  EXPECT_EQ(s.host_writes, 2);
+  EXPECT_EQ(s.budget_admitted, 2);
+  cfg.host_write_budget = -1;
+  EXPECT_TRUE(throws_error([&] { PrefixCache bad(cfg); }, ErrorKind::Value, {"host_write_budget"}));
 }
 
 TEST(PrefixCacheHost, FullHostTierEvictsTheColdestHostPage) {

@@ -81,6 +81,8 @@ def test_new_cache_is_empty(policy):
     (dict(host_pages=-1), ValueError),
     (dict(half_life=0.0), ValueError),
     (dict(half_life=-5.0), ValueError),
+    (dict(host_write_budget=-0.1), ValueError),
+    (dict(host_write_budget=float("nan")), ValueError),
     (dict(page_bytes=-1), ValueError),
     (dict(policy="fifo"), ValueError),
     (dict(policy="LRU"), ValueError),
@@ -376,19 +378,75 @@ def test_hot_admits_only_pages_hot_enough():
 
 
 def test_hot_adapts_the_threshold():
-    c = kvcore.PrefixCache(PT, 1, 1, "hot", admission_threshold=1.5, adaptive=True)
+    # Budget 0: only pages with a reuse history can reach the host, through the threshold.
+    c = kvcore.PrefixCache(PT, 1, 1, "hot", admission_threshold=3.0, adaptive=True, host_write_budget=0)
     serve(c, toks(1), now=1)
-    c.evict(1, now=2)  # rejected (hotness 1)
-    c.match(toks(1), now=3)  # requested again: a ghost hit lowers the threshold
+    serve(c, toks(1), now=1)  # hotness 2
+    c.evict(1, now=2)  # rejected: 2 < 3
+    serve(c, toks(2), now=2)
+    c.evict(1, now=2)  # rejected: first seen
+    assert c.stats()["host"]["admissions_rejected"] == 2
+    c.match(toks(2), now=3)  # a ghost hit of a first-seen page: the budget's business, not the threshold's
+    assert c.stats()["host"]["admission_threshold"] == 3.0
+    c.match(toks(1), now=3)  # a ghost hit of a page the threshold turned away lowers it
     s = c.stats()["host"]
-    assert s["ghost_hits"] == 1 and s["admission_threshold"] == pytest.approx(1.35)
-    # Host pages evicted without a hit raise it again.
-    c2 = kvcore.PrefixCache(PT, 1, 1, "hot", admission_threshold=0.5, adaptive=True)
+    assert s["ghost_hits"] == 2 and s["admission_threshold"] == pytest.approx(2.7)
+    # History pages evicted from the host without a hit raise it again.
+    c2 = kvcore.PrefixCache(PT, 1, 1, "hot", admission_threshold=1.0, adaptive=True, host_write_budget=0)
     for t, v in enumerate([1, 2, 3], start=1):
+        serve(c2, toks(v), now=t)
         serve(c2, toks(v), now=t)
         c2.evict(1, now=t + 0.5)
     s = c2.stats()["host"]
-    assert s["evictions_unused"] == 2 and s["admission_threshold"] == pytest.approx(0.5 * 1.05**2)
+    assert s["writes"] == 3 and s["evictions_unused"] == 2
+    assert s["admission_threshold"] == pytest.approx(1.0106**2)
+
+
+def test_hot_rejected_page_keeps_its_history():
+    # Rejected when first seen; requested again, it comes back with its hotness (1 decayed + 1) and
+    # is admitted at its next eviction without any write budget.
+    c = kvcore.PrefixCache(PT, 1, 4, "hot", admission_threshold=1.5, adaptive=False, host_write_budget=0)
+    serve(c, toks(1), now=1)
+    c.evict(1, now=2)
+    assert c.stats()["host"]["writes"] == 0 and c.match(toks(1), now=3).handle == -1
+    serve(c, toks(1), now=3)
+    c.evict(1, now=4)
+    assert c.stats()["host"]["writes"] == 1 and c.stats()["host"]["budget_admitted"] == 0
+    assert c.match(toks(1), now=5).host_tokens == PT
+
+
+def test_hot_write_budget_admits_whole_runs():
+    # Budget 0.5 writes per queried page: a 2-page prompt earns 1 page of budget, not enough for
+    # its 2-page run (admitted whole or not at all); the next 2-page prompt brings the balance to 2.
+    c = kvcore.PrefixCache(PT, 4, 8, "hot", adaptive=False, host_write_budget=0.5)
+    serve(c, toks(1, 2), now=1)
+    c.evict(2, now=2)
+    s = c.stats()["host"]
+    assert s["writes"] == 0 and s["admissions_rejected"] == 2
+    serve(c, toks(3, 4), now=3)
+    c.evict(2, now=4)
+    s = c.stats()["host"]
+    assert s["writes"] == 2 and s["budget_admitted"] == 2
+    assert c.match(toks(3, 4), now=5).host_tokens == 2 * PT
+    # Unlimited: every first-seen page goes to the host, like lru.
+    u = kvcore.PrefixCache(PT, 4, 8, "hot", host_write_budget=None)
+    serve(u, toks(1, 2, 3), now=1)
+    u.evict(3, now=2)
+    assert u.stats()["host"]["writes"] == 3 and u.stats()["host"]["budget_admitted"] == 3
+
+
+def test_hot_host_tier_evicts_least_recently_used():
+    # A page hit often long ago goes before a page used once recently (host reuse follows recency).
+    c = kvcore.PrefixCache(PT, 1, 2, "hot", admission_threshold=1.0, adaptive=False, host_write_budget=None)
+    for _ in range(5):
+        serve(c, toks(1), now=1)
+    c.evict(1, now=1)
+    serve(c, toks(2), now=100)
+    c.evict(1, now=100)
+    serve(c, toks(3), now=101)
+    c.evict(1, now=101)  # the host is full: page 1 (hot but old) goes
+    assert c.match(toks(1), now=102).handle == -1
+    assert c.match(toks(2), now=102).host_tokens == PT and c.match(toks(3), now=102).host_tokens == PT
 
 
 def test_no_host_tier_means_no_writes():
@@ -820,7 +878,7 @@ def test_replay_of_a_tiny_trace_by_hand(tmp_path):
     pr = _prefix_replay()
     path = tmp_path / "t.jsonl"
     _write_trace(path, [
-        {"timestamp": 0, "input_length": 1500, "output_length": 1, "hash_ids": [0, 1, 2]},
+        {"timestamp": 0, "input_length": 1536, "output_length": 1, "hash_ids": [0, 1, 2]},
         {"timestamp": 1000, "input_length": 1100, "output_length": 1, "hash_ids": [0, 1, 3]},
         {"timestamp": 2000, "input_length": 600, "output_length": 1, "hash_ids": [4, 5]},
         {"timestamp": 3000, "input_length": 1600, "output_length": 1, "hash_ids": [0, 1, 2, 6]},
@@ -833,14 +891,16 @@ def test_replay_of_a_tiny_trace_by_hand(tmp_path):
     for r in res.values():
         assert r["gpu_hit_rate"] == pytest.approx(5 / 12) and r["host_hit_rate"] == 0
         assert r["host_writes_per_block"] == 0 and r["ceiling"] == pytest.approx(5 / 12)
-    # GPU of 3 blocks, LRU writing every evicted block to the host. Request 2 hits [0, 1] on the
-    # GPU (evicting 2); request 3 evicts 3 and 1; request 4 finds 0 on the GPU and 1, 2 on the host,
-    # prefetches them (evicting 5 and 4) and then has no room for block 6 next to its locked path.
+    # GPU of 3 blocks, LRU writing every evicted block to the host. Partial last blocks (3, 5, 6)
+    # are served from a page of their own and never cached. Request 2 hits [0, 1] on the GPU
+    # (evicting 2 for its partial block); request 3 evicts 1; request 4 finds 0 on the GPU and 1, 2
+    # on the host, prefetches them (evicting 4) and then has no room for block 6 next to its
+    # locked path.
     r = pr.replay(path, gpu_blocks=3, host_blocks=10, policies="lru")["lru"]
     assert r["gpu_hit_rate"] == pytest.approx(3 / 12)
     assert r["host_hit_rate"] == pytest.approx(2 / 12)
     assert r["total_hit_rate"] == pytest.approx(5 / 12)
-    assert r["host_writes_per_block"] == pytest.approx(5 / 12)
+    assert r["host_writes_per_block"] == pytest.approx(3 / 12)
     assert r["requests_not_cached"] == 1 and r["prefetched_blocks"] == 2
     cm = r["cost_model"]
     saved = 3 * cm["gpu_hit_saves_s"] + 2 * cm["host_hit_saves_s"]
@@ -884,6 +944,17 @@ def test_replay_cli_writes_json(tmp_path, capsys):
     assert pr.parse_policies("hot,lru") == ["hot", "lru"] and pr.parse_policies(None) == ["lru", "hot"]
     with pytest.raises(ValueError):
         pr.parse_policies(["lru,fifo"])
+    # hot:BUDGET variants: hot with another host-write budget, compared in the same run.
+    assert pr.split_policy("hot:0.6") == ("hot", {"host_write_budget": 0.6})
+    assert pr.split_policy("hot:inf") == ("hot", {"host_write_budget": float("inf")})
+    for bad in ["lru:0.3", "hot:x", "hot:-1", "hot:nan", "fifo:1"]:
+        with pytest.raises(ValueError):
+            pr.parse_policies(bad)
+    trace2 = pr.load_trace(path)
+    variants = pr.replay(trace2, 8, 40, ["hot:0", "hot:inf", "lru"])
+    assert list(variants) == ["hot:0", "hot:inf", "lru"]
+    assert variants["hot:0"]["budget_admitted"] == 0 and variants["hot:inf"]["admissions_rejected"] == 0
+    assert variants["hot:inf"]["host_writes"] == variants["lru"]["host_writes"] > 0
     with pytest.raises(SystemExit):
         pr.main(["--trace", str(path), "--policy", "fifo"])
     with pytest.raises(SystemExit):

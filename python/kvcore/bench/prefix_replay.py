@@ -11,12 +11,17 @@ of its arrival:
     prefetch the host run back to the GPU, alloc GPU pages for the missed blocks
     insert the whole prompt (each request's blocks cached after it is served), unlock
 
-Every block counts, including a partial last block (the trace does not say how full it is), so
-the rates are over all prompt blocks:
+A partial last block (input_length not a multiple of 512) is served from a GPU page of its own
+but never cached, as in any page-granular cache: its id is never a prefix of a later prompt. Every
+block counts in the rates, the partial one included, so the rates are over all prompt blocks:
 
     gpu_hit_rate, host_hit_rate   blocks found on the GPU / on the host, over all prompt blocks
     total_hit_rate                their sum (the unlimited-capacity `ceiling` bounds it)
     host_writes_per_block         blocks written to the host tier, over all prompt blocks
+
+Policies: `lru`, `hot` (its default host-write budget, 0.3 writes per queried block for first-seen
+blocks) and `hot:B` (budget B; `hot:inf` admits every first-seen block): one run can compare the
+points of hot's trade-off between host writes and hit rate.
 
 Cost model (the constants are in every result under "cost_model"): a Llama-3-8B-like model (32
 layers, 8 KV heads of 128 dims, bf16) on one H200. A 512-token block holds 512 * 32 * 2 * 8 * 128 * 2
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,8 +78,11 @@ class Trace:
     """A trace in memory: arrival times (s) and block-id arrays, plus its unique-block count and the
     unlimited-capacity prefix-hit ceiling."""
 
-    def __init__(self, name: str, times: list[float], blocks: list[np.ndarray], input_tokens: int = 0):
+    def __init__(self, name: str, times: list[float], blocks: list[np.ndarray], input_tokens: int = 0,
+                 full_blocks: list[int] | None = None):
         self.name, self.times, self.blocks, self.input_tokens = name, times, blocks, input_tokens
+        # Blocks that are full pages (cacheable); all of them when the trace gives no lengths.
+        self.full_blocks = [len(b) for b in blocks] if full_blocks is None else full_blocks
         self.prompt_blocks = int(sum(len(b) for b in blocks))
         seen: set[int] = set()
         hits = 0
@@ -95,6 +104,7 @@ def load_trace(path: str | Path, limit: int | None = None) -> Trace:
     """Reads a JSONL trace (the first `limit` requests when given); blocks as int32 arrays."""
     times: list[float] = []
     blocks: list[np.ndarray] = []
+    full: list[int] = []
     tokens = 0
     with open(path) as f:
         for line in f:
@@ -109,8 +119,10 @@ def load_trace(path: str | Path, limit: int | None = None) -> Trace:
                 raise ValueError(f"{path}: hash ids must fit in int32")
             times.append(float(r["timestamp"]) / 1e3)
             blocks.append(np.asarray(ids, dtype=np.int32))
-            tokens += int(r.get("input_length", 0))
-    return Trace(Path(path).name, times, blocks, tokens)
+            length = r.get("input_length")
+            full.append(len(ids) if length is None else min(len(ids), int(length) // BLOCK_TOKENS))
+            tokens += int(length or 0)
+    return Trace(Path(path).name, times, blocks, tokens, full)
 
 
 def synthetic_trace(requests: int = 2000, seed: int = 0) -> Trace:
@@ -168,16 +180,34 @@ def capacities(trace: Trace, gpu_blocks: int | None, host_blocks: int | None) ->
     return gpu, host
 
 
+def split_policy(name: str) -> tuple[str, dict]:
+    """"hot:0.6" -> ("hot", {"host_write_budget": 0.6}); "hot:inf" -> unlimited; "lru" -> ("lru", {})."""
+    base, _, budget = name.partition(":")
+    if base not in POLICIES or (budget and base != "hot"):
+        raise ValueError(f"policy: expected lru, hot or hot:BUDGET (host writes per queried block), got {name!r}")
+    if not budget:
+        return base, {}
+    try:
+        b = float(budget)
+    except ValueError:
+        raise ValueError(f"policy: {name!r}: the write budget must be a number or inf") from None
+    if not b >= 0:
+        raise ValueError(f"policy: {name!r}: the write budget must be >= 0")
+    return base, {"host_write_budget": b}
+
+
 def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, **cache_kwargs: Any) -> dict:
-    """Replays the trace through one cache; returns its metrics (see the module docstring)."""
+    """Replays the trace through one cache; returns its metrics (see the module docstring). `policy`
+    is lru, hot (default write budget) or hot:BUDGET."""
     import kvcore
 
-    cache = kvcore.PrefixCache(1, gpu_blocks, host_blocks, policy, page_bytes=BLOCK_BYTES, **cache_kwargs)
+    base, extra = split_policy(policy)
+    cache = kvcore.PrefixCache(1, gpu_blocks, host_blocks, base, page_bytes=BLOCK_BYTES, **{**extra, **cache_kwargs})
     gpu_hits = host_hits = prefetched = skipped = 0
     empty = np.zeros(0, np.int64)
     t0 = time.perf_counter()
-    for now, blocks in zip(trace.times, trace.blocks):
-        m = cache.match(blocks, now=now)
+    for now, blocks, full in zip(trace.times, trace.blocks, trace.full_blocks):
+        m = cache.match(blocks[:full], now=now)
         gpu_hits += m.gpu_tokens
         host_hits += m.host_tokens
         pages = m.gpu_pages
@@ -193,8 +223,10 @@ def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, 
             new = None
             skipped += 1
         if new is not None:
-            dup = cache.insert(blocks, np.concatenate([pages, new]) if len(new) else pages, now=now)
+            all_pages = np.concatenate([pages, new]) if len(new) else pages
+            dup = cache.insert(blocks[:full], all_pages[:full], now=now)
             assert dup == len(pages), "insert: the matched pages should be exactly the cached GPU run"
+            cache.free(all_pages[full:])  # the partial last page stays with the request
         if m.handle >= 0:
             cache.unlock(m.handle)
     seconds = time.perf_counter() - t0
@@ -221,6 +253,7 @@ def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, 
         "host_evictions": s["host"]["evictions"],
         "host_evictions_unused": s["host"]["evictions_unused"],
         "admissions_rejected": s["host"]["admissions_rejected"],
+        "budget_admitted": s["host"]["budget_admitted"],
         "ghost_hits": s["host"]["ghost_hits"],
         "admission_threshold": s["host"]["admission_threshold"],
         "trace": trace.name,
@@ -261,8 +294,7 @@ def parse_policies(values: Iterable[str] | str | None) -> list[str]:
             p = p.strip()
             if not p:
                 continue
-            if p not in POLICIES:
-                raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {p!r}")
+            split_policy(p)
             if p not in out:
                 out.append(p)
     if not out:
@@ -299,12 +331,12 @@ def print_results(results: dict[str, dict], out=None, goal_lines: Iterable[tuple
     print(f"trace {first['trace']}: {first['requests']} requests, {first['prompt_blocks']} prompt blocks, "
           f"{first['unique_blocks']} unique; GPU {first['gpu_blocks']} blocks, host {first['host_blocks']} blocks; "
           f"unlimited-capacity ceiling {first['ceiling']:.3f}", file=out)
-    header = (f"{'policy':<6} {'gpu hit':>8} {'host hit':>8} {'total':>7} {'writes/blk':>10} "
+    header = (f"{'policy':<8} {'gpu hit':>8} {'host hit':>8} {'total':>7} {'writes/blk':>10} "
               f"{'prefill saved s':>15} {'of total s':>10} {'replay s':>8} {'Mpages/s':>8}")
     print(header, file=out)
     print("-" * len(header), file=out)
     for p, r in results.items():
-        print(f"{p:<6} {r['gpu_hit_rate']:8.4f} {r['host_hit_rate']:8.4f} {r['total_hit_rate']:7.4f} "
+        print(f"{p:<8} {r['gpu_hit_rate']:8.4f} {r['host_hit_rate']:8.4f} {r['total_hit_rate']:7.4f} "
               f"{r['host_writes_per_block']:10.4f} {r['prefill_seconds_saved']:15.1f} "
               f"{r['prefill_seconds_total']:10.1f} {r['replay_seconds']:8.2f} {r['pages_per_second'] / 1e6:8.2f}",
               file=out)
@@ -326,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-blocks", type=int, metavar="N", help="GPU tier in blocks (default: 1%% of unique)")
     parser.add_argument("--host-blocks", type=int, metavar="M", help="host tier in blocks (default: 10%% of unique)")
     parser.add_argument("--policy", action="append", metavar="P",
-                        help="lru and/or hot; repeat or comma-separate (default: both)")
+                        help="lru, hot and/or hot:BUDGET (hot with that many host writes per queried block "
+                             "for first-seen blocks; inf = unlimited); repeat or comma-separate (default: lru,hot)")
     parser.add_argument("--limit", type=int, metavar="R", help="replay only the first R requests")
     parser.add_argument("--json", metavar="FILE", help="write policy -> metrics as JSON")
     args = parser.parse_args(argv)
@@ -349,8 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     results = replay(trace, gpu, host, policies)
     print_results(results, goal_lines=goals(results, is_default_conversation(trace, gpu, host)))
     if args.json:
+        import datetime
+        import platform
+
+        run = {  # where and how these numbers were made, in every policy's entry
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "-m", "kvcore.bench", "prefix-replay",
+                                 *(a if not a.endswith(".jsonl") else Path(a).name for a in (sys.argv[1:] if argv is None else argv))]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
+        }
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({p: {**r, "run": run} for p, r in results.items()}, f, indent=2)
             f.write("\n")
     return 0
 
