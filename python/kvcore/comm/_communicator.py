@@ -108,10 +108,13 @@ class Communicator:
         self._agreed_up = [True] * len(self._links)
         self._weights: list[float] | None = None
         self._frozen = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=len(self._links), thread_name_prefix="kvcore-comm")
         self._counters = {"collectives": 0, "payload_bytes": 0, "resent_slices": 0}
         self._per_link = [{"bytes": 0, "slices": 0, "seconds": 0.0, "failures": 0} for _ in self._links]
+        # Receive buffers per link (slices run concurrently), reused: no page faults per collective.
+        self._scratch = [_Scratch() for _ in self._links]
+        self._result = _Scratch()  # all_reduce's result until every slice is done
         self._agree([0.0] * (2 * len(self._links)))  # every link connected before the first collective
 
     # ---- public API -----------------------------------------------------------------------------
@@ -120,9 +123,10 @@ class Communicator:
         """In place: x = op over ranks of x, element-wise; returns x."""
         raw, dtype, n = _byte_view(x, "x", writable=True)
         self._check_op(op)
-        out = np.empty_like(raw)
-        self._run("all_reduce", raw, out, dtype, n, op)
-        raw[:] = out  # only now: a re-sent slice must read the original input
+        with self._lock:
+            out = self._result.get(raw.size)
+            self._run("all_reduce", raw, out, dtype, n, op)
+            raw[:] = out  # only now: a re-sent slice must read the original input
         return x
 
     def all_gather(self, x: Any) -> Any:
@@ -219,7 +223,7 @@ class Communicator:
         return self._balancer.plan(collective, self.world_size, count, elem)
 
     def _run(self, collective: str, raw: np.ndarray, out: np.ndarray, dtype: str, n: int, op: str) -> None:
-        with self._lock:  # one collective at a time: every rank must post links in the same order
+        with self._lock:  # one collective at a time: every rank must post links in the same order (re-entrant)
             if self._pool is None:
                 raise RuntimeError("communicator is closed")
             elem = DTYPES[dtype]
@@ -251,10 +255,16 @@ class Communicator:
         """Runs the slices (concurrently when several), then agrees with every rank on which links
         failed and how long each took (maximum over ranks). Returns (seconds per link, failed links)."""
         status = [0.0] * (2 * len(self._links))  # per link: failed flag, seconds
-        if len(slices) == 1:
-            self._timed_slice(job, slices[0], status)
+        # One task per link: a link's slices (several after a re-send) run one after another, in the
+        # same order on every rank, and never share its receive buffer.
+        groups: dict[int, list] = {}
+        for s in slices:
+            groups.setdefault(s[0], []).append(s)
+        tasks = list(groups.values())
+        if len(tasks) == 1:
+            self._timed_slices(job, tasks[0], status)
         else:
-            for f in [self._pool.submit(self._timed_slice, job, s, status) for s in slices]:
+            for f in [self._pool.submit(self._timed_slices, job, t, status) for t in tasks]:
                 f.result()
         table = self._agree(status)
         failed = {i for i in range(len(self._links)) if table[:, 2 * i].any()}
@@ -267,19 +277,21 @@ class Communicator:
             raise _C.KVCoreError("collective failed: every link is down")
         return [float(table[:, 2 * i + 1].max()) for i in range(len(self._links))], failed
 
-    def _timed_slice(self, job, s, status) -> None:
-        link_index, begin, count = s
-        t0 = time.perf_counter()
-        try:
-            _run_slice(self._links[link_index], job, begin, count, self.rank, self.world_size)
-        except LinkDown:
-            status[2 * link_index] = 1.0
-        status[2 * link_index + 1] = time.perf_counter() - t0
-        stats = self._per_link[link_index]
-        collective, _, _, _, elem, _, _ = job
-        stats["bytes"] += count * elem * (1 if collective == "all_reduce" else self.world_size)
-        stats["slices"] += 1
-        stats["seconds"] += status[2 * link_index + 1]
+    def _timed_slices(self, job, slices, status) -> None:
+        for link_index, begin, count in slices:
+            t0 = time.perf_counter()
+            try:
+                _run_slice(self._links[link_index], job, begin, count, self.rank, self.world_size,
+                           self._scratch[link_index])
+            except LinkDown:
+                status[2 * link_index] = 1.0
+            seconds = time.perf_counter() - t0
+            status[2 * link_index + 1] += seconds
+            stats = self._per_link[link_index]
+            collective, _, _, _, elem, _, _ = job
+            stats["bytes"] += count * elem * (1 if collective == "all_reduce" else self.world_size)
+            stats["slices"] += 1
+            stats["seconds"] += seconds
 
     def _agree(self, status: list[float]) -> np.ndarray:
         """All-gathers this rank's status over the first link that works (in list order, so every
@@ -308,8 +320,21 @@ class Communicator:
         raise _C.KVCoreError(f"collective failed: every link is down ({'; '.join(reasons) or 'none left'})")
 
 
-def _run_slice(link: Link, job, begin: int, count: int, rank: int, world: int) -> None:
-    """One link's share [begin, begin + count) of the split dimension, in elements."""
+class _Scratch:
+    """A reusable byte buffer that grows to the largest size asked for."""
+
+    def __init__(self):
+        self._buf = np.empty(0, np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self._buf.size < nbytes:
+            self._buf = np.empty(nbytes, np.uint8)
+        return self._buf[:nbytes]
+
+
+def _run_slice(link: Link, job, begin: int, count: int, rank: int, world: int, scratch: _Scratch) -> None:
+    """One link's share [begin, begin + count) of the split dimension, in elements. The reductions
+    read this rank's own part in place (rank order is kept by position in the input list)."""
     collective, raw, out, dtype, elem, n, op = job
     b, e = begin * elem, (begin + count) * elem
     if collective == "all_gather":
@@ -319,21 +344,20 @@ def _run_slice(link: Link, job, begin: int, count: int, rank: int, world: int) -
         out[rank * n * elem + b:rank * n * elem + e] = mine
     elif collective == "reduce_scatter":
         stride = n * elem
-        inbox = np.empty((world, e - b), np.uint8)
+        inbox = scratch.get(world * (e - b)).reshape(world, e - b)
+        inputs = [raw[p * stride + b:p * stride + e] if p == rank else inbox[p] for p in range(world)]
         link.exchange([None if p == rank else raw[p * stride + b:p * stride + e] for p in range(world)],
                       [None if p == rank else inbox[p] for p in range(world)], e - b)
-        inbox[rank] = raw[rank * stride + b:rank * stride + e]
-        _C.comm_reduce(list(inbox), out[b:e], dtype, op)
+        _C.comm_reduce(inputs, out[b:e], dtype, op)
     else:  # all_reduce: reduce-scatter the slice in `world` parts, then all-gather the reduced parts
         bounds = [(begin + count * p // world) * elem for p in range(world + 1)]
         part = [raw[bounds[p]:bounds[p + 1]] for p in range(world)]
         widest = max(bounds[p + 1] - bounds[p] for p in range(world))
         mine = out[bounds[rank]:bounds[rank + 1]]
-        inbox = np.empty((world, mine.size), np.uint8)
+        inbox = scratch.get(world * mine.size).reshape(world, mine.size)
         link.exchange([None if p == rank else part[p] for p in range(world)],
                       [None if p == rank else inbox[p] for p in range(world)], widest)
-        inbox[rank] = part[rank]
-        _C.comm_reduce(list(inbox), mine, dtype, op)
+        _C.comm_reduce([part[p] if p == rank else inbox[p] for p in range(world)], mine, dtype, op)
         link.exchange([None if p == rank else mine for p in range(world)],
                       [None if p == rank else out[bounds[p]:bounds[p + 1]] for p in range(world)],
                       widest)
