@@ -97,9 +97,8 @@ struct PrefixCache::Impl {
   double time(double now) const { return now < 0 ? steady_seconds() : now; }
   bool hot_policy() const { return cfg.policy == CachePolicy::Hot; }
 
-  double decayed(const Node& n, double now) const {
-    return n.hot * std::exp2(-(now - n.last) / cfg.half_life);
-  }
+  double decayed(double hot, double last, double now) const { return hot * std::exp2(-(now - last) / cfg.half_life); }
+  double decayed(const Node& n, double now) const { return decayed(n.hot, n.last, now); }
   double gpu_rank(const Node& n) const {
     // Static keys: LRU by last access; hot by log2(H) + t_last / half_life (time-invariant order).
     return hot_policy() ? std::log2(std::max(n.hot, 1e-300)) + n.last / cfg.half_life : n.last;
@@ -336,7 +335,7 @@ struct PrefixCache::Impl {
         st.bytes_to_host += cfg.page_bytes;
         if (hot_policy()) {
           write_tokens -= 1;  // every write spends the budget; pages with a history may overdraw it
-          if (n.hot <= 1) st.budget_admitted++;
+          if (!n.by_history) st.budget_admitted++;
         }
       } else {
         st.admissions_rejected++;
@@ -507,7 +506,7 @@ int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu
       node.last = now;
       auto g = s.ghost.find(key);
       if (g != s.ghost.end()) {  // requested again after a rejection: it keeps its history
-        node.hot = g->second.hot * std::exp2(-(now - g->second.last) / s.cfg.half_life) + 1;
+        node.hot = s.decayed(g->second.hot, g->second.last, now) + 1;
         s.ghost.erase(g);
       }
       node.budgeted = run_budgeted && node.hot <= 1;

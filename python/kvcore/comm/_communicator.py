@@ -278,6 +278,7 @@ class Communicator:
         return [float(table[:, 2 * i + 1].max()) for i in range(len(self._links))], failed
 
     def _timed_slices(self, job, slices, status) -> None:
+        collective, _, _, _, elem, _, _ = job
         for link_index, begin, count in slices:
             t0 = time.perf_counter()
             try:
@@ -288,7 +289,6 @@ class Communicator:
             seconds = time.perf_counter() - t0
             status[2 * link_index + 1] += seconds
             stats = self._per_link[link_index]
-            collective, _, _, _, elem, _, _ = job
             stats["bytes"] += count * elem * (1 if collective == "all_reduce" else self.world_size)
             stats["slices"] += 1
             stats["seconds"] += seconds
