@@ -60,7 +60,7 @@ void register_prefix_cache(nb::module_& m) {
       .def("__init__",
            [](PrefixCache* self, int64_t page_tokens, int64_t gpu_pages, int64_t host_pages, const std::string& policy,
               double half_life, int64_t page_bytes, int64_t ghost_pages, double admission_threshold,
-              bool adaptive, double host_write_budget, nb::object mover) {
+              bool adaptive, double host_write_budget, double class_gate, nb::object mover) {
              PrefixCacheConfig c;
              c.page_tokens = page_tokens;
              c.gpu_pages = gpu_pages;
@@ -72,13 +72,14 @@ void register_prefix_cache(nb::module_& m) {
              c.admission_threshold = admission_threshold;
              c.adaptive = adaptive;
              c.host_write_budget = host_write_budget;
+             c.class_gate = class_gate;
              std::shared_ptr<PageMover> m;
              if (!mover.is_none()) m = std::make_shared<PyPageMover>(mover);
              new (self) PrefixCache(c, std::move(m));
            },
            nb::arg("page_tokens"), nb::arg("gpu_pages"), nb::arg("host_pages"), nb::arg("policy"),
            nb::arg("half_life"), nb::arg("page_bytes"), nb::arg("ghost_pages"), nb::arg("admission_threshold"),
-           nb::arg("adaptive"), nb::arg("host_write_budget"), nb::arg("mover").none())
+           nb::arg("adaptive"), nb::arg("host_write_budget"), nb::arg("class_gate"), nb::arg("mover").none())
       .def("match",
            [](PrefixCache& c, const Tokens& tokens, int64_t ns, nb::object now) {
              PrefixCache::Match r = c.match(tokens.data(), int64_t(tokens.shape(0)), ns, now_or_clock(now));
@@ -88,11 +89,12 @@ void register_prefix_cache(nb::module_& m) {
       .def("lock", &PrefixCache::lock, nb::arg("handle"))
       .def("unlock", &PrefixCache::unlock, nb::arg("handle"))
       .def("insert",
-           [](PrefixCache& c, const Tokens& tokens, const PageIds& pages, int64_t ns, nb::object now) {
+           [](PrefixCache& c, const Tokens& tokens, const PageIds& pages, int64_t ns, nb::object now,
+              int64_t reuse_class) {
              return c.insert(tokens.data(), int64_t(tokens.shape(0)), pages.data(), int64_t(pages.shape(0)), ns,
-                             now_or_clock(now));
+                             now_or_clock(now), reuse_class);
            },
-           nb::arg("tokens"), nb::arg("gpu_pages"), nb::arg("namespace"), nb::arg("now").none())
+           nb::arg("tokens"), nb::arg("gpu_pages"), nb::arg("namespace"), nb::arg("now").none(), nb::arg("reuse_class"))
       .def("alloc", [](PrefixCache& c, int64_t n, nb::object now) { return to_array(c.alloc(n, now_or_clock(now))); },
            nb::arg("n"), nb::arg("now").none())
       .def("free", [](PrefixCache& c, const PageIds& pages) { c.free(pages.data(), int64_t(pages.shape(0))); },
@@ -144,6 +146,8 @@ void register_prefix_cache(nb::module_& m) {
         host["admissions_rejected"] = s.admissions_rejected;
         host["ghost_hits"] = s.ghost_hits;
         host["budget_admitted"] = s.budget_admitted;
+        host["class_gated"] = s.class_gated;
+        host["reuse_classes"] = s.reuse_classes;
         host["admission_threshold"] = s.admission_threshold;
         d["gpu"] = gpu;
         d["host"] = host;

@@ -54,6 +54,8 @@ struct Node {
   bool host_hit = false;            // hit while on the host since it was admitted
   bool budgeted = false;            // first-seen page of a run admitted under the host-write budget
   bool by_history = false;          // on the host because its hotness reached the threshold
+  bool reuse_pending = false;       // first-seen page not requested again yet (a label for its class)
+  int32_t reuse_class = -1;         // index into the learned reuse rates
   int64_t ns = 0;
 };
 
@@ -81,7 +83,22 @@ struct PrefixCache::Impl {
   // time at rejection) and the host-write budget's balance in pages (capped: no unbounded bursts).
   struct Ghost {
     double hot, last;
+    int32_t reuse_class;
+    bool reuse_pending;
   };
+  // Reuse rate of first-seen pages, learned online per reuse class and cache-wide; counts are halved
+  // every kRateWindow pages so the rates follow a changing workload.
+  struct ReuseRate {
+    double pages = 0, reused = 0;
+    void add_page() {
+      if (++pages > kRateWindow) pages *= 0.5, reused *= 0.5;
+    }
+  };
+  static constexpr double kRateWindow = 1 << 16;
+  static constexpr double kRatePrior = 8;  // pseudo-pages at the cache-wide rate: new classes start there
+  std::unordered_map<int64_t, int32_t> class_index;  // engine's reuse class -> index
+  std::vector<ReuseRate> class_rates;
+  ReuseRate overall_rate;
   static constexpr double kWriteBudgetCap = 1024;
   // Threshold steps: a wrongly rejected page costs a prefill, about ten times a page write over
   // PCIe, so ten history pages evicted unused weigh as much as one ghost hit.
@@ -201,11 +218,29 @@ struct PrefixCache::Impl {
 
   void add_ghost(const Node& n) {
     const size_t cap = size_t(cfg.ghost_pages > 0 ? cfg.ghost_pages : std::max<int64_t>(cfg.host_pages, 64));
-    if (ghost.insert_or_assign(n.key, Ghost{n.hot, n.last}).second) ghost_fifo.push_back(n.key);
+    if (ghost.insert_or_assign(n.key, Ghost{n.hot, n.last, n.reuse_class, n.reuse_pending}).second)
+      ghost_fifo.push_back(n.key);
     while (ghost_fifo.size() > cap) {  // stale fifo entries (already taken back by insert) just fall out
       ghost.erase(ghost_fifo.front());
       ghost_fifo.pop_front();
     }
+  }
+
+  int32_t reuse_class_of(int64_t label) {
+    auto [it, added] = class_index.try_emplace(label, int32_t(class_rates.size()));
+    if (added) class_rates.emplace_back();
+    return it->second;
+  }
+  void count_reuse(int32_t reuse_class) {
+    class_rates[size_t(reuse_class)].reused += 1;
+    overall_rate.reused += 1;
+  }
+  // Whether first-seen runs of this class are reused often enough to spend host writes on.
+  bool class_admitted(int32_t reuse_class) const {
+    if (cfg.class_gate <= 0 || overall_rate.pages <= 0) return true;
+    const double mean = overall_rate.reused / overall_rate.pages;
+    const ReuseRate& r = class_rates[size_t(reuse_class)];
+    return (r.reused + kRatePrior * mean) / (r.pages + kRatePrior) >= cfg.class_gate * mean;
   }
 
   void link_child(int32_t parent, int32_t id) {
@@ -384,6 +419,8 @@ PrefixCache::PrefixCache(const PrefixCacheConfig& config, std::shared_ptr<PageMo
   KVCORE_CHECK_VALUE(config.page_bytes >= 0, "PrefixCache: page_bytes must be >= 0");
   KVCORE_CHECK_VALUE(config.host_write_budget >= 0, "PrefixCache: host_write_budget must be >= 0, got ",
                      config.host_write_budget);
+  KVCORE_CHECK_VALUE(config.class_gate >= 0 && std::isfinite(config.class_gate),
+                     "PrefixCache: class_gate must be a finite number >= 0, got ", config.class_gate);
   Impl& s = *impl_;
   s.cfg = config;
   s.mover = std::move(mover);
@@ -419,6 +456,10 @@ PrefixCache::Match PrefixCache::match(const int32_t* tokens, int64_t n, int64_t 
       on_gpu = false;
       node.host_hit = true;
     }
+    if (node.reuse_pending) {
+      node.reuse_pending = false;
+      s.count_reuse(node.reuse_class);
+    }
     s.touch(node, now);
     s.relist(c);
     cur = c;
@@ -437,6 +478,10 @@ PrefixCache::Match PrefixCache::match(const int32_t* tokens, int64_t n, int64_t 
         auto g = s.ghost.find(key);
         if (g != s.ghost.end()) {
           s.st.ghost_hits++;
+          if (g->second.reuse_pending) {  // a refused first-seen page requested again: its class is reused
+            g->second.reuse_pending = false;
+            s.count_reuse(g->second.reuse_class);
+          }
           // Only pages the threshold turned away say it is too high (first-seen pages answer to the budget).
           if (s.cfg.adaptive && g->second.hot > 1) s.threshold = std::max(s.threshold * Impl::kLower, 1.0);
         }
@@ -463,7 +508,7 @@ void PrefixCache::unlock(int64_t handle) {
 }
 
 int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu_pages, int64_t num_pages, int64_t ns,
-                            double now_in) {
+                            double now_in, int64_t reuse_class) {
   Impl& s = *impl_;
   const double now = s.time(now_in);
   const int64_t pt = s.cfg.page_tokens, pages = n / pt;
@@ -488,9 +533,12 @@ int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu
     for (int64_t j = cached_gpu; j < i; ++j)
       KVCORE_CHECK_VALUE(gpu_pages[j] != p, "PrefixCache.insert: page ", p, " is listed twice");
   }
-  // Apply. The new run's first-seen pages are admitted to the host whole or not at all.
-  const bool run_budgeted =
-      s.hot_policy() && (std::isinf(s.cfg.host_write_budget) || s.write_tokens >= double(pages - existing));
+  // Apply. The new run's first-seen pages are admitted to the host whole or not at all: without a
+  // write limit always, otherwise when the budget has room and their class is reused often enough.
+  const int32_t cls = s.hot_policy() ? s.reuse_class_of(reuse_class) : -1;
+  const bool unlimited = std::isinf(s.cfg.host_write_budget);
+  const bool class_ok = s.hot_policy() && (unlimited || s.class_admitted(cls));
+  const bool run_budgeted = class_ok && (unlimited || s.write_tokens >= double(pages - existing));
   cur = s.root(ns);
   for (int64_t i = 0; i < pages; ++i) {
     const int32_t* page_tokens = tokens + i * pt;
@@ -509,7 +557,14 @@ int64_t PrefixCache::insert(const int32_t* tokens, int64_t n, const int64_t* gpu
         node.hot = s.decayed(g->second.hot, g->second.last, now) + 1;
         s.ghost.erase(g);
       }
-      node.budgeted = run_budgeted && node.hot <= 1;
+      if (s.hot_policy() && node.hot <= 1) {  // first seen: a sample of its class's reuse rate
+        node.budgeted = run_budgeted;
+        node.reuse_class = cls;
+        node.reuse_pending = true;
+        s.class_rates[size_t(cls)].add_page();
+        s.overall_rate.add_page();
+        if (!class_ok) s.st.class_gated++;
+      }
       s.index[key] = c;
       s.link_child(cur, c);
       s.relist(cur);
@@ -663,6 +718,7 @@ PrefixCacheStats PrefixCache::stats() const {
   st.host_pages_used = s.cfg.host_pages - int64_t(s.free_slots.size());
   st.nodes = int64_t(s.index.size());
   st.admission_threshold = s.hot_policy() ? s.threshold : 0.0;
+  st.reuse_classes = int64_t(s.class_rates.size());
   return st;
 }
 

@@ -11,13 +11,16 @@
 // decayed hit count H = H * 2^(-dt / half_life) + 1 (the rank of a decayed score does not change as
 // time passes) and host pages by last access (reuse on the host tier is recency-driven).
 // On GPU eviction, "lru" writes every page to the host (the SGLang-style baseline). "hot" admits:
-// - pages with a reuse history whose hotness reaches a threshold that adapts to the workload: a
-//   request for a recently rejected page (found in the ghost list) lowers it, a host page evicted
-//   without ever being hit raises it. The ghost list also keeps a rejected page's hotness, so a page
-//   requested again after its rejection comes back with its history instead of as a new page;
+// - pages with a reuse history whose hotness reaches a threshold (optionally adaptive: a request for
+//   a recently rejected page, found in the ghost list, lowers it, a host page evicted without ever
+//   being hit raises it). The ghost list also keeps a rejected page's hotness, so a page requested
+//   again after its rejection comes back with its history instead of as a new page;
 // - first-seen pages only while a host-write budget (writes per queried page) has room, decided once
 //   per inserted run so a run is admitted whole or not at all (a page is useless on the host
-//   without its parent).
+//   without its parent), and only for runs whose reuse class (a label the engine gives insert:
+//   application, endpoint, an output-length bucket) has shown a reuse rate of at least
+//   `class_gate` times the cache-wide rate. The rates are learned online: a first-seen page counts
+//   as reused when it is requested again, from either tier or from the ghost list.
 // The cache owns the GPU page-id space [0, gpu_pages): ids are free, held by the caller (from
 // alloc), or cached in the tree. A PageMover moves the bytes when the pages are real; without one
 // the cache works standalone over abstract ids (simulation, trace replay).
@@ -42,9 +45,11 @@ struct PrefixCacheConfig {
   int64_t page_bytes = 0;     // bytes per page, for the transfer statistics
   int64_t ghost_pages = 0;    // size of the ghost list of rejected pages (0: host_pages)
   double admission_threshold = 1.5;  // hot policy: initial decayed hotness needed for host admission
-  bool adaptive = true;       // hot policy: adapt the threshold (ghost hits lower it, unused evictions raise it)
+  bool adaptive = false;      // hot policy: adapt the threshold (ghost hits lower it, unused evictions raise it)
   double host_write_budget = 0.3;  // hot policy: host writes per queried page that first-seen pages may use
                                    // (infinity: admit every first-seen page; 0: only pages with a history)
+  double class_gate = 0.5;    // hot policy: first-seen runs of a reuse class whose learned reuse rate is
+                              // below class_gate x the cache-wide rate are not admitted (0: no gate)
 };
 
 // Moves page contents between the tiers, ordered with the work that reads them (e.g. one CUDA
@@ -69,6 +74,8 @@ struct PrefixCacheStats {
   int64_t admissions_rejected = 0;
   int64_t ghost_hits = 0;             // requests for recently rejected pages
   int64_t budget_admitted = 0;        // first-seen pages written to the host under the write budget
+  int64_t class_gated = 0;            // first-seen pages refused because their reuse class is rarely reused
+  int64_t reuse_classes = 0;          // reuse classes seen
   int64_t gpu_evictions = 0;
   int64_t host_evictions = 0;
   int64_t host_evictions_unused = 0;  // host pages evicted without a hit
@@ -107,8 +114,9 @@ class PrefixCache {
   // Caches the full pages of tokens; gpu_pages[i] backs page i (ids from alloc, or the tree's own
   // ids for pages already cached). Returns the tokens that were already cached on the GPU; where
   // gpu_pages differs from the tree's page for those, the caller frees its duplicate.
+  // reuse_class: the engine's label for requests that are reused alike (hot policy admission).
   int64_t insert(const int32_t* tokens, int64_t n, const int64_t* gpu_pages, int64_t num_pages, int64_t ns = 0,
-                 double now = -1);
+                 double now = -1, int64_t reuse_class = 0);
   // n free GPU page ids for the caller, evicting cached pages as needed (MemoryError if impossible).
   std::vector<int64_t> alloc(int64_t n, double now = -1);
   void free(const int64_t* pages, int64_t n);

@@ -6,10 +6,11 @@ node knows its GPU page, its host slot, a lock count and a decayed hotness. Evic
 tree-constrained (leaves first) and ordered in O(log n) sets: `lru` by last access (the SGLang-style
 baseline, writing every evicted page to the host) or `hot`: GPU pages by decayed hit count
 H = H * 2**(-dt / half_life) + 1, host pages by last access, and host admission limited to pages
-with a reuse history whose hotness reaches a threshold that adapts to the workload (a ghost list of
-recently rejected pages lowers it and gives a page requested again its history back; host pages
-evicted unused raise it), plus first-seen pages while a host-write budget has room (whole inserted
-runs, since a page is useless on the host without its parent).
+with a reuse history whose hotness reaches a threshold (a ghost list of recently rejected pages gives
+a page requested again its history back), plus first-seen pages while a host-write budget has room
+(whole inserted runs, since a page is useless on the host without its parent) and their reuse class
+(the label `insert` gets) has shown a reuse rate near the cache's: the rates are learned online
+from which first-seen pages are requested again.
 
 The cache owns the GPU page ids [0, gpu_pages): `alloc` hands free ones to the engine (evicting as
 needed), `insert` adopts them into the tree, `free` returns unused ones. Standalone it works over
@@ -63,6 +64,14 @@ def _tokens(tokens: Any) -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
+def _int64(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if not -2**63 <= int(value) < 2**63:
+        raise ValueError(f"{name}: {value} does not fit in int64")
+    return int(value)
+
+
 def _pages(pages: Any, name: str) -> np.ndarray:
     arr = np.asarray(pages)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
@@ -78,18 +87,21 @@ class PrefixCache:
       half_life: seconds for the hotness decay.
       page_bytes: bytes per page (all layers), for the transfer statistics.
       ghost_pages: size of the ghost list (default: host_pages).
-      admission_threshold: "hot": the decayed hotness a page needs for host admission (initially).
-      adaptive: "hot": adapt the threshold to the workload.
+      admission_threshold: "hot": the decayed hotness a page with a reuse history needs for host
+        admission (initially).
+      adaptive: "hot": adapt that threshold (ghost hits lower it, host pages evicted unused raise it).
       host_write_budget: "hot": host writes per queried page that first-seen pages may use on
         average (None or inf: admit every first-seen page; 0: only pages with a reuse history).
+      class_gate: "hot": first-seen runs of a reuse class whose learned reuse rate is below
+        class_gate times the cache-wide rate are not admitted (0: no gate).
       mover: an object with offload(gpu_pages, host_slots), load(host_slots, gpu_pages) -> token,
         done(token) and wait(token) that moves the bytes; None for a standalone cache.
     """
 
     def __init__(self, page_tokens: int, gpu_pages: int, host_pages: int = 0, policy: str = "hot",
                  half_life: float = 600.0, page_bytes: int = 0, ghost_pages: int = 0,
-                 admission_threshold: float = 1.5, adaptive: bool = True,
-                 host_write_budget: float | None = 0.3, mover: Any = None):
+                 admission_threshold: float = 1.5, adaptive: bool = False,
+                 host_write_budget: float | None = 0.3, class_gate: float = 0.5, mover: Any = None):
         # The mover lives here, where Python's GC sees it; the native cache only holds a proxy with a
         # weak reference back, so a mover that references this cache forms no uncollectable cycle.
         self._mover = mover
@@ -98,7 +110,7 @@ class PrefixCache:
                                       float(half_life), int(page_bytes), int(ghost_pages),
                                       float(admission_threshold), bool(adaptive),
                                       float("inf") if host_write_budget is None else float(host_write_budget),
-                                      proxy)
+                                      float(class_gate), proxy)
         self.page_tokens = int(page_tokens)
         self.policy = str(policy)
 
@@ -115,11 +127,14 @@ class PrefixCache:
         self._native.unlock(handle)
 
     def insert(self, tokens: Sequence[int], gpu_pages: Sequence[int], namespace: int = 0,
-               now: float | None = None) -> int:
+               now: float | None = None, reuse_class: int = 0) -> int:
         """Caches the full pages of tokens, gpu_pages[i] backing page i (ids from alloc, or the
         tree's own ids for pages already cached). Returns the number of tokens already cached on the
-        GPU: where your pages differ from the tree's for those, free your duplicates."""
-        return self._native.insert(_tokens(tokens), _pages(gpu_pages, "gpu_pages"), int(namespace), now)
+        GPU: where your pages differ from the tree's for those, free your duplicates.
+        reuse_class: any integer label for requests whose prompts are reused alike (application,
+        endpoint, an output-length bucket); "hot" learns each class's reuse rate for admission."""
+        return self._native.insert(_tokens(tokens), _pages(gpu_pages, "gpu_pages"), int(namespace), now,
+                                   _int64(reuse_class, "reuse_class"))
 
     def alloc(self, n: int, now: float | None = None) -> np.ndarray:
         """n free GPU page ids, evicting cached pages as needed (MemoryError if impossible)."""
@@ -162,8 +177,9 @@ class PrefixCache:
 
     def stats(self) -> dict:
         """Per tier: hit tokens, capacity and occupancy, evictions; host writes, admissions rejected,
-        ghost hits, first-seen pages admitted under the write budget and the admission threshold; queried and inserted tokens, bytes moved each way,
-        prefetches used and wasted."""
+        ghost hits, first-seen pages admitted under the write budget or refused by the class gate,
+        reuse classes seen and the admission threshold; queried and inserted tokens, bytes moved each
+        way, prefetches used and wasted."""
         return self._native.stats()
 
 

@@ -44,7 +44,8 @@ PrefixCache::Match match(PrefixCache& c, const std::vector<int32_t>& t, double n
 }
 
 // An engine's request: match, lock, prefetch, alloc the rest, insert, unlock. Returns the page ids.
-std::vector<int64_t> serve(PrefixCache& c, const std::vector<int32_t>& t, double now, int64_t ns = 0) {
+std::vector<int64_t> serve(PrefixCache& c, const std::vector<int32_t>& t, double now, int64_t ns = 0,
+                           int64_t reuse_class = 0) {
   PrefixCache::Match m = match(c, t, now, ns);
   std::vector<int64_t> pages = m.gpu_pages;
   if (m.handle >= 0) {
@@ -57,7 +58,7 @@ std::vector<int64_t> serve(PrefixCache& c, const std::vector<int32_t>& t, double
   std::vector<int64_t> fresh = c.alloc(int64_t(t.size()) / kPT - int64_t(pages.size()), now);
   pages.insert(pages.end(), fresh.begin(), fresh.end());
   // Everything but the fresh pages (the matched run and the prefetched pages) was cached already.
-  EXPECT_EQ(c.insert(t.data(), int64_t(t.size()), pages.data(), int64_t(pages.size()), ns, now),
+  EXPECT_EQ(c.insert(t.data(), int64_t(t.size()), pages.data(), int64_t(pages.size()), ns, now, reuse_class),
             int64_t(pages.size() - fresh.size()) * kPT);
   if (m.handle >= 0) c.unlock(m.handle);
   return pages;
@@ -359,6 +360,34 @@ TEST(PrefixCacheHost, HotWriteBudgetAdmitsWholeRuns) {
   EXPECT_EQ(s.budget_admitted, 2);
   cfg.host_write_budget = -1;
   EXPECT_TRUE(throws_error([&] { PrefixCache bad(cfg); }, ErrorKind::Value, {"host_write_budget"}));
+}
+
+TEST(PrefixCacheHost, HotClassGateLearnsWhichClassesAreReused) {
+  // Class 1's pages are requested again right away, class 2's never: after a few samples class 2's
+  // rate is far below the cache-wide one and its fresh runs are not written to the host.
+  PrefixCacheConfig cfg = config(3, 64, CachePolicy::Hot);
+  cfg.host_write_budget = 100;
+  cfg.class_gate = 0.5;
+  PrefixCache c(cfg);
+  double t = 0;
+  for (int32_t i = 0; i < 30; ++i, t += 1) {
+    serve(c, toks({100 + i}), t, 0, 1);
+    serve(c, toks({500 + i}), t + 0.1, 0, 2);
+    PrefixCache::Match m = match(c, toks({100 + i}), t + 0.2);
+    EXPECT_EQ(m.gpu_tokens + m.host_tokens, kPT);
+  }
+  PrefixCacheStats s = c.stats();
+  EXPECT_EQ(s.reuse_classes, 2);
+  EXPECT_GE(s.class_gated, 10);
+  EXPECT_LE(s.class_gated, 22);
+  serve(c, toks({900}), t, 0, 1);
+  serve(c, toks({901}), t, 0, 2);
+  c.evict(3, t + 1);
+  EXPECT_EQ(match(c, toks({900}), t + 2).host_tokens, kPT);
+  EXPECT_EQ(match(c, toks({901}), t + 2).handle, -1);
+  expect_ledger(c);
+  cfg.class_gate = -1;
+  EXPECT_TRUE(throws_error([&] { PrefixCache bad(cfg); }, ErrorKind::Value, {"class_gate"}));
 }
 
 TEST(PrefixCacheHost, FullHostTierEvictsTheColdestHostPage) {

@@ -83,6 +83,8 @@ def test_new_cache_is_empty(policy):
     (dict(half_life=-5.0), ValueError),
     (dict(host_write_budget=-0.1), ValueError),
     (dict(host_write_budget=float("nan")), ValueError),
+    (dict(class_gate=-0.5), ValueError),
+    (dict(class_gate=float("nan")), ValueError),
     (dict(page_bytes=-1), ValueError),
     (dict(policy="fifo"), ValueError),
     (dict(policy="LRU"), ValueError),
@@ -433,6 +435,70 @@ def test_hot_write_budget_admits_whole_runs():
     serve(u, toks(1, 2, 3), now=1)
     u.evict(3, now=2)
     assert u.stats()["host"]["writes"] == 3 and u.stats()["host"]["budget_admitted"] == 3
+
+
+def _serve_classes(c, rounds: int, t0: float = 0.0) -> float:
+    """Class 1's prompts are requested again right away, class 2's never. Returns the next time."""
+    t = t0
+    for i in range(rounds):
+        a, b = toks(100 + i), toks(500 + i)
+        c.match(a, now=t)
+        c.insert(a, c.alloc(1, now=t), now=t, reuse_class=1)
+        c.match(b, now=t + 0.1)
+        c.insert(b, c.alloc(1, now=t + 0.1), now=t + 0.1, reuse_class=2)
+        m = c.match(a, now=t + 0.2)  # the reuse that labels class 1 (from either tier)
+        assert m.gpu_tokens + m.host_tokens == PT
+        t += 1
+    return t
+
+
+def test_hot_learns_which_reuse_classes_are_worth_host_writes():
+    c = kvcore.PrefixCache(PT, 3, 64, "hot", host_write_budget=100.0, class_gate=0.5)
+    t = _serve_classes(c, 30)
+    s = c.stats()["host"]
+    assert s["reuse_classes"] == 2
+    # Class 2's rate (0 reused) fell below half the cache-wide one (~0.5) after a few samples.
+    assert 10 <= s["class_gated"] <= 30 - 8
+    # A fresh run of each class, evicted before any reuse: only class 1's goes to the host.
+    for v, cls in ((900, 1), (901, 2)):
+        c.match(toks(v), now=t)
+        c.insert(toks(v), c.alloc(1, now=t), now=t, reuse_class=cls)
+    c.evict(3, now=t + 1)
+    assert c.match(toks(900), now=t + 2).host_tokens == PT
+    assert c.match(toks(901), now=t + 2).handle == -1
+    # Without the gate both are written.
+    u = kvcore.PrefixCache(PT, 3, 64, "hot", host_write_budget=100.0, class_gate=0)
+    t = _serve_classes(u, 30)
+    assert u.stats()["host"]["class_gated"] == 0
+    u.match(toks(901), now=t)
+    u.insert(toks(901), u.alloc(1, now=t), now=t, reuse_class=2)
+    u.evict(3, now=t + 1)
+    assert u.match(toks(901), now=t + 2).host_tokens == PT
+
+
+def test_hot_a_refused_page_requested_again_teaches_its_class():
+    # Requests for class 2's refused pages find them in the ghost list: that is reuse too, and the
+    # class earns its host writes back.
+    c = kvcore.PrefixCache(PT, 3, 64, "hot", host_write_budget=100.0, class_gate=0.5)
+    t = _serve_classes(c, 30)
+    gated = c.stats()["host"]["class_gated"]
+    ghost_hits = c.stats()["host"]["ghost_hits"]
+    for i in range(30):  # the early ones were admitted before the gate closed: hits on the host
+        c.match(toks(500 + i), now=t)
+    assert c.stats()["host"]["ghost_hits"] > ghost_hits
+    c.match(toks(902), now=t)
+    c.insert(toks(902), c.alloc(1, now=t), now=t, reuse_class=2)
+    assert c.stats()["host"]["class_gated"] == gated
+    c.evict(3, now=t + 1)
+    assert c.match(toks(902), now=t + 2).host_tokens == PT
+
+
+@pytest.mark.parametrize("bad, exc", [("1", TypeError), (1.5, TypeError), (True, TypeError), (2**64, ValueError)])
+def test_bad_reuse_class_raises(bad, exc):
+    c = kvcore.PrefixCache(PT, 2, 2, "hot")
+    with pytest.raises(exc, match="reuse_class"):
+        c.insert(toks(1), c.alloc(1), reuse_class=bad)
+    assert c.stats()["nodes"] == 0
 
 
 def test_hot_host_tier_evicts_least_recently_used():

@@ -23,6 +23,12 @@ Policies: `lru`, `hot` (its default host-write budget, 0.3 writes per queried bl
 blocks) and `hot:B` (budget B; `hot:inf` admits every first-seen block): one run can compare the
 points of hot's trade-off between host writes and hit rate.
 
+Reuse classes (`--reuse-class`): hot learns, per class of requests, how often first-seen blocks are
+requested again, and spends host writes on the classes that are. A serving engine would label
+requests by application or endpoint; the traces carry no such field, so by default (`output`) a
+request's class is the octave of its output length (floor(log2(output_length + 1))), which an
+engine knows when it inserts the finished request. `none` puts every request in one class.
+
 Cost model (the constants are in every result under "cost_model"): a Llama-3-8B-like model (32
 layers, 8 KV heads of 128 dims, bf16) on one H200. A 512-token block holds 512 * 32 * 2 * 8 * 128 * 2
 bytes = 64 MiB of KV. Prefill costs ~30 us per token (about 16 GFLOP per token of weights plus
@@ -79,10 +85,11 @@ class Trace:
     unlimited-capacity prefix-hit ceiling."""
 
     def __init__(self, name: str, times: list[float], blocks: list[np.ndarray], input_tokens: int = 0,
-                 full_blocks: list[int] | None = None):
+                 full_blocks: list[int] | None = None, output_tokens: list[int] | None = None):
         self.name, self.times, self.blocks, self.input_tokens = name, times, blocks, input_tokens
         # Blocks that are full pages (cacheable); all of them when the trace gives no lengths.
         self.full_blocks = [len(b) for b in blocks] if full_blocks is None else full_blocks
+        self.output_tokens = [0] * len(blocks) if output_tokens is None else output_tokens
         self.prompt_blocks = int(sum(len(b) for b in blocks))
         seen: set[int] = set()
         hits = 0
@@ -105,6 +112,7 @@ def load_trace(path: str | Path, limit: int | None = None) -> Trace:
     times: list[float] = []
     blocks: list[np.ndarray] = []
     full: list[int] = []
+    outputs: list[int] = []
     tokens = 0
     with open(path) as f:
         for line in f:
@@ -122,7 +130,8 @@ def load_trace(path: str | Path, limit: int | None = None) -> Trace:
             length = r.get("input_length")
             full.append(len(ids) if length is None else min(len(ids), int(length) // BLOCK_TOKENS))
             tokens += int(length or 0)
-    return Trace(Path(path).name, times, blocks, tokens, full)
+            outputs.append(int(r.get("output_length") or 0))
+    return Trace(Path(path).name, times, blocks, tokens, full, outputs)
 
 
 def synthetic_trace(requests: int = 2000, seed: int = 0) -> Trace:
@@ -196,17 +205,31 @@ def split_policy(name: str) -> tuple[str, dict]:
     return base, {"host_write_budget": b}
 
 
-def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, **cache_kwargs: Any) -> dict:
+REUSE_CLASSES = ("output", "none")
+
+
+def reuse_classes(trace: Trace, kind: str) -> list[int]:
+    """Each request's reuse class (see the module docstring)."""
+    if kind == "none":
+        return [0] * len(trace)
+    if kind == "output":
+        return [int(o + 1).bit_length() - 1 for o in trace.output_tokens]
+    raise ValueError(f"reuse_class: expected one of {', '.join(REUSE_CLASSES)}, got {kind!r}")
+
+
+def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, reuse_class: str = "output",
+                  **cache_kwargs: Any) -> dict:
     """Replays the trace through one cache; returns its metrics (see the module docstring). `policy`
     is lru, hot (default write budget) or hot:BUDGET."""
     import kvcore
 
     base, extra = split_policy(policy)
+    classes = reuse_classes(trace, reuse_class)
     cache = kvcore.PrefixCache(1, gpu_blocks, host_blocks, base, page_bytes=BLOCK_BYTES, **{**extra, **cache_kwargs})
     gpu_hits = host_hits = prefetched = skipped = 0
     empty = np.zeros(0, np.int64)
     t0 = time.perf_counter()
-    for now, blocks, full in zip(trace.times, trace.blocks, trace.full_blocks):
+    for now, blocks, full, cls in zip(trace.times, trace.blocks, trace.full_blocks, classes):
         m = cache.match(blocks[:full], now=now)
         gpu_hits += m.gpu_tokens
         host_hits += m.host_tokens
@@ -224,7 +247,7 @@ def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, 
             skipped += 1
         if new is not None:
             all_pages = np.concatenate([pages, new]) if len(new) else pages
-            dup = cache.insert(blocks[:full], all_pages[:full], now=now)
+            dup = cache.insert(blocks[:full], all_pages[:full], now=now, reuse_class=cls)
             assert dup == len(pages), "insert: the matched pages should be exactly the cached GPU run"
             cache.free(all_pages[full:])  # the partial last page stays with the request
         if m.handle >= 0:
@@ -254,6 +277,9 @@ def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, 
         "host_evictions_unused": s["host"]["evictions_unused"],
         "admissions_rejected": s["host"]["admissions_rejected"],
         "budget_admitted": s["host"]["budget_admitted"],
+        "class_gated": s["host"]["class_gated"],
+        "reuse_class": reuse_class,
+        "reuse_classes": s["host"]["reuse_classes"],
         "ghost_hits": s["host"]["ghost_hits"],
         "admission_threshold": s["host"]["admission_threshold"],
         "trace": trace.name,
@@ -271,7 +297,8 @@ def replay_policy(trace: Trace, gpu_blocks: int, host_blocks: int, policy: str, 
 
 
 def replay(trace_path: str | Path | Trace, gpu_blocks: int | None = None, host_blocks: int | None = None,
-           policies: Sequence[str] = POLICIES, limit: int | None = None, **cache_kwargs: Any) -> dict[str, dict]:
+           policies: Sequence[str] = POLICIES, limit: int | None = None, reuse_class: str = "output",
+           **cache_kwargs: Any) -> dict[str, dict]:
     """Replays a trace (a path or a loaded Trace) once per policy at the given capacities in blocks
     (default: 1% and 10% of its unique blocks). Returns policy -> metrics, with gpu_hit_rate,
     host_hit_rate, total_hit_rate, host_writes_per_block, unique_blocks, ceiling,
@@ -279,7 +306,7 @@ def replay(trace_path: str | Path | Trace, gpu_blocks: int | None = None, host_b
     policies = list(parse_policies(policies))
     trace = trace_path if isinstance(trace_path, Trace) else load_trace(trace_path, limit)
     gpu, host = capacities(trace, gpu_blocks, host_blocks)
-    return {p: replay_policy(trace, gpu, host, p, **cache_kwargs) for p in policies}
+    return {p: replay_policy(trace, gpu, host, p, reuse_class, **cache_kwargs) for p in policies}
 
 
 def parse_policies(values: Iterable[str] | str | None) -> list[str]:
@@ -360,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", metavar="P",
                         help="lru, hot and/or hot:BUDGET (hot with that many host writes per queried block "
                              "for first-seen blocks; inf = unlimited); repeat or comma-separate (default: lru,hot)")
+    parser.add_argument("--reuse-class", choices=REUSE_CLASSES, default="output",
+                        help="how requests are labelled for hot's learned admission (default: output)")
     parser.add_argument("--limit", type=int, metavar="R", help="replay only the first R requests")
     parser.add_argument("--json", metavar="FILE", help="write policy -> metrics as JSON")
     args = parser.parse_args(argv)
@@ -379,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit must be >= 1")
     trace = load_trace(path, args.limit)
     gpu, host = capacities(trace, args.gpu_blocks, args.host_blocks)
-    results = replay(trace, gpu, host, policies)
+    results = replay(trace, gpu, host, policies, reuse_class=args.reuse_class)
     print_results(results, goal_lines=goals(results, is_default_conversation(trace, gpu, host)))
     if args.json:
         import datetime
