@@ -1,5 +1,6 @@
-// Multi-link collectives: the planner, balancer, simulator and in-order reduction for
-// kvcore.comm (python/kvcore/comm), which owns the links and the protocol.
+// Multi-link collectives: the planner, balancer, simulator, in-order reductions (CPU and CUDA) and
+// the NCCL communicator for kvcore.comm (python/kvcore/comm), which owns the links and the protocol.
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -20,6 +21,7 @@ using comm::PlanRequest;
 using comm::SharedCap;
 using SliceTuple = std::tuple<int, int64_t, int64_t>;  // (link, begin, count)
 using Bytes = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using PyBuffer = std::optional<std::pair<uintptr_t, size_t>>;  // (pointer, bytes) or None
 
 PlanRequest make_request(const std::string& collective, int world_size, int64_t count, int64_t elem_size) {
   return PlanRequest{comm::parse_collective(collective), world_size, count, elem_size};
@@ -35,6 +37,12 @@ Plan from_python(const std::vector<SliceTuple>& slices) {
   Plan p;
   for (const auto& [link, begin, count] : slices) p.slices.push_back({link, begin, count});
   return p;
+}
+
+std::vector<std::optional<comm::NcclBuffer>> to_nccl_buffers(const std::vector<PyBuffer>& buffers) {
+  std::vector<std::optional<comm::NcclBuffer>> out;
+  for (const auto& b : buffers) out.push_back(b ? std::optional(comm::NcclBuffer{b->first, b->second}) : std::nullopt);
+  return out;
 }
 
 comm::BalancerOptions make_options(double damping, int64_t align_bytes, double min_gain) {
@@ -168,7 +176,68 @@ void register_comm(nb::module_& m) {
       "out = op(inputs[0], inputs[1], ...) element-wise in input order over raw bytes of `dtype`; out may "
       "alias inputs[0] only.");
 
+  m.def(
+      "comm_reduce_cuda",
+      [](const std::vector<uintptr_t>& input_ptrs, uintptr_t out_ptr, int64_t count, const std::string& dtype,
+         const std::string& op, StreamHandle stream) {
+        const DType dt = parse_dtype(dtype);
+        const comm::ReduceOp rop = comm::parse_reduce_op(op);
+        std::vector<const void*> inputs;
+        for (uintptr_t p : input_ptrs) inputs.push_back(reinterpret_cast<const void*>(p));
+        nb::gil_scoped_release release;
+        comm::reduce_in_order_cuda(inputs, reinterpret_cast<void*>(out_ptr), count, dt, rop, stream);
+      },
+      nb::arg("input_ptrs"), nb::arg("out_ptr"), nb::arg("count"), nb::arg("dtype"), nb::arg("op"), nb::arg("stream"),
+      "comm_reduce on device pointers (one GPU), asynchronous on `stream`; bitwise identical to comm_reduce. "
+      "out may alias an input exactly.");
+
+  m.def(
+      "comm_cuda_array",
+      [](const InArray& a, const std::string& what) {
+        const TensorView t = to_view(a, what.c_str());
+        KVCORE_CHECK_VALUE(t.device.is_cuda(), what, ": expected a CUDA array, got one on ", t.device.str());
+        KVCORE_CHECK_VALUE(t.inner_contiguous(t.ndim), what, ": expected a contiguous array");
+        return std::make_tuple(reinterpret_cast<uintptr_t>(t.data), size_t(t.numel()) * t.itemsize(),
+                               std::string(dtype_name(t.dtype)), t.device.index);
+      },
+      nb::arg("x"), nb::arg("what") = "x",
+      "(pointer, bytes, dtype, device) of a contiguous CUDA array from any DLPack framework.");
+
   m.def("nccl_status", &comm::nccl_status, "(loadable, reason) for libnccl.so.2; never raises.");
+  m.def(
+      "nccl_unique_id",
+      [] {
+        const std::string id = comm::nccl_unique_id();
+        return nb::bytes(id.data(), id.size());
+      },
+      "A fresh ncclUniqueId (bytes) for rank 0 to publish to the other ranks.");
+
+  nb::class_<comm::NcclComm>(m, "NcclComm")
+      .def(
+          "__init__",
+          [](comm::NcclComm* self, nb::bytes unique_id, int rank, int world_size, int device) {
+            const std::string id(unique_id.c_str(), unique_id.size());
+            nb::gil_scoped_release release;  // blocks until every rank has joined
+            new (self) comm::NcclComm(id, rank, world_size, device);
+          },
+          nb::arg("unique_id"), nb::arg("rank"), nb::arg("world_size"), nb::arg("device"))
+      .def(
+          "exchange",
+          [](comm::NcclComm& c, const std::vector<PyBuffer>& sends, const std::vector<PyBuffer>& recvs,
+             StreamHandle stream) {
+            const auto s = to_nccl_buffers(sends), r = to_nccl_buffers(recvs);
+            nb::gil_scoped_release release;
+            c.exchange(s, r, stream);
+          },
+          nb::arg("sends"), nb::arg("recvs"), nb::arg("stream"),
+          "One grouped send/receive with every peer, asynchronous on `stream`: sends[p] / recvs[p] are "
+          "(pointer, bytes) or None.")
+      .def("async_error", &comm::NcclComm::async_error, "NCCL's asynchronous error, or '' while healthy.")
+      .def("abort", &comm::NcclComm::abort, nb::call_guard<nb::gil_scoped_release>(),
+           "Ends pending operations and frees the communicator.")
+      .def_prop_ro("rank", &comm::NcclComm::rank)
+      .def_prop_ro("world_size", &comm::NcclComm::world_size)
+      .def_prop_ro("device", &comm::NcclComm::device);
 }
 
 }  // namespace kvcore::bindings

@@ -49,12 +49,16 @@ void reduce_half(const std::vector<const void*>& inputs, uint16_t* out, int64_t 
 
 }  // namespace
 
-void reduce_in_order(const std::vector<const void*>& inputs, void* out, int64_t count, DType dtype, ReduceOp op) {
-  KVCORE_CHECK_VALUE(!inputs.empty(), "inputs: expected at least one array");
+void check_reduce_args(size_t num_inputs, int64_t count, DType dtype) {
+  KVCORE_CHECK_VALUE(num_inputs > 0, "inputs: expected at least one array");
   KVCORE_CHECK_VALUE(count >= 0, "count: expected >= 0, got ", count);
   KVCORE_CHECK_TYPE(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 ||
                         dtype == DType::Int32,
                     "dtype: expected float32, float16, bfloat16 or int32, got ", dtype_name(dtype));
+}
+
+void reduce_in_order(const std::vector<const void*>& inputs, void* out, int64_t count, DType dtype, ReduceOp op) {
+  check_reduce_args(inputs.size(), count, dtype);
   // Elements are independent, so threads change nothing about the arithmetic.
   parallel_for(count, 1 << 15, [&](int64_t begin, int64_t end) {
     switch (dtype) {

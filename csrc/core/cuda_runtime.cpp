@@ -130,6 +130,114 @@ void raise_device_errors(cudaStream_t stream, const char* op, std::initializer_l
                " is out of range [0, ", host.limit, ") (reported by the CUDA kernel in debug mode)");
 }
 
+namespace cuda {
+namespace {
+
+cudaStream_t as_stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
+cudaEvent_t as_event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
+
+// Allocation is not stream-ordered, so a capture in global mode (any thread) would reject it;
+// relaxed mode for this thread makes it legal, as graph-aware allocators do.
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ~RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+}  // namespace
+
+int get_device() {
+  require_cuda("cuda_get_device");
+  int device = 0;
+  KVCORE_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+void set_device(int device) {
+  require_cuda("cuda_set_device");
+  KVCORE_CHECK_VALUE(device >= 0 && device < cuda_status().device_count, "device: expected 0..",
+                     cuda_status().device_count - 1, ", got ", device);
+  KVCORE_CUDA_CHECK(cudaSetDevice(device));
+}
+
+StreamHandle stream_create(int device) {
+  require_cuda("cuda_stream_create");
+  CudaDeviceGuard guard(device);
+  cudaStream_t s = nullptr;
+  KVCORE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return reinterpret_cast<StreamHandle>(s);
+}
+
+void stream_destroy(StreamHandle stream) { KVCORE_CUDA_CHECK(cudaStreamDestroy(as_stream(stream))); }
+void stream_synchronize(StreamHandle stream) { KVCORE_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream))); }
+
+bool stream_is_capturing(StreamHandle stream) {
+  require_cuda("cuda_stream_is_capturing");
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  KVCORE_CUDA_CHECK(cudaStreamIsCapturing(as_stream(stream), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+EventHandle event_create(int device) {
+  require_cuda("cuda_event_create");
+  CudaDeviceGuard guard(device);
+  cudaEvent_t e = nullptr;
+  KVCORE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return reinterpret_cast<EventHandle>(e);
+}
+
+void event_destroy(EventHandle event) { KVCORE_CUDA_CHECK(cudaEventDestroy(as_event(event))); }
+void event_record(EventHandle event, StreamHandle stream) {
+  KVCORE_CUDA_CHECK(cudaEventRecord(as_event(event), as_stream(stream)));
+}
+void stream_wait_event(StreamHandle stream, EventHandle event) {
+  KVCORE_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), as_event(event), 0));
+}
+
+bool event_query(EventHandle event) {
+  const cudaError_t err = cudaEventQuery(as_event(event));
+  if (err == cudaErrorNotReady) return false;
+  KVCORE_CUDA_CHECK(err);
+  return true;
+}
+
+void memcpy_async(std::uintptr_t dst, std::uintptr_t src, std::size_t bytes, StreamHandle stream) {
+  if (bytes == 0) return;
+  KVCORE_CHECK_VALUE(dst != 0 && src != 0, "memcpy_async: null pointer");
+  KVCORE_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes,
+                                    cudaMemcpyDefault, as_stream(stream)));
+}
+
+std::uintptr_t device_malloc(int device, std::size_t bytes) {
+  require_cuda("cuda_malloc");
+  CudaDeviceGuard guard(device);
+  RelaxedCaptureMode relaxed;
+  void* p = nullptr;
+  KVCORE_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
+  return reinterpret_cast<std::uintptr_t>(p);
+}
+
+void device_free(std::uintptr_t ptr) {
+  RelaxedCaptureMode relaxed;
+  KVCORE_CUDA_CHECK(cudaFree(reinterpret_cast<void*>(ptr)));
+}
+
+bool host_register(std::uintptr_t ptr, std::size_t bytes) {
+  require_cuda("cuda_host_register");
+  if (cudaHostRegister(reinterpret_cast<void*>(ptr), bytes, cudaHostRegisterPortable) == cudaSuccess) return true;
+  cudaGetLastError();  // a refusal must not leave a sticky error for the next launch check
+  return false;
+}
+
+void host_unregister(std::uintptr_t ptr) { KVCORE_CUDA_CHECK(cudaHostUnregister(reinterpret_cast<void*>(ptr))); }
+
+}  // namespace cuda
+
 }  // namespace kvcore
 
 #endif  // KVCORE_WITH_CUDA

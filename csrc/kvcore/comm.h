@@ -8,10 +8,12 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "kvcore/runtime.h"
 #include "kvcore/tensor.h"
 
 namespace kvcore::comm {
@@ -153,7 +155,58 @@ std::vector<SimPoint> simulate_sweep(Collective c, int world_size, int64_t elem_
 // All views 1-D, contiguous, of `dtype` (float32, float16, bfloat16, int32); int32 sums wrap.
 void reduce_in_order(const std::vector<const void*>& inputs, void* out, int64_t count, DType dtype, ReduceOp op);
 
+// The argument checks both reductions share (ValueError / TypeError naming the argument).
+void check_reduce_args(size_t num_inputs, int64_t count, DType dtype);
+
+// The most inputs (ranks) one CUDA reduction takes: their pointers travel in the kernel's arguments.
+constexpr int kMaxCudaReduceInputs = 64;
+
+// reduce_in_order on device pointers (all on one GPU), asynchronous on `stream`, bitwise identical to
+// the CPU version: the same order, float accumulation with one rounding, plain adds (no FMA).
+// `out` may alias an input exactly (element-wise), never partially.
+void reduce_in_order_cuda(const std::vector<const void*>& inputs, void* out, int64_t count, DType dtype, ReduceOp op,
+                          StreamHandle stream);
+
 // Whether libnccl.so.2 can be loaded and has the entry points the nccl link uses; the reason when not.
 std::pair<bool, std::string> nccl_status();
+
+// A fresh ncclUniqueId (128 opaque bytes) for rank 0 to publish; KVCoreError when NCCL is unavailable.
+std::string nccl_unique_id();
+
+// A byte range on the GPU that one exchange sends or receives.
+struct NcclBuffer {
+  uintptr_t ptr = 0;
+  size_t bytes = 0;
+};
+
+// One NCCL communicator over libnccl.so.2 (loaded at run time). It only moves bytes: the
+// collectives reduce with reduce_in_order_cuda, so results match the other links bit for bit.
+class NcclComm {
+ public:
+  // Blocks until all `world_size` ranks have joined (NCCL's own bootstrap). `device`: this rank's GPU.
+  NcclComm(const std::string& unique_id, int rank, int world_size, int device);
+  ~NcclComm();
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  // One grouped send/receive: sends[p] to rank p, recvs[p] from rank p (std::nullopt: none;
+  // entries for this rank must be empty). Asynchronous on `stream`.
+  void exchange(const std::vector<std::optional<NcclBuffer>>& sends,
+                const std::vector<std::optional<NcclBuffer>>& recvs, StreamHandle stream);
+  // NCCL's asynchronous error (e.g. a peer vanished), or "" while the communicator is healthy.
+  std::string async_error();
+  // Ends every pending operation and frees the communicator; later calls raise KVCoreError.
+  void abort();
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  int device() const { return device_; }
+
+ private:
+  void* comm_ = nullptr;  // ncclComm_t
+  int rank_ = 0;
+  int world_size_ = 0;
+  int device_ = 0;
+};
 
 }  // namespace kvcore::comm

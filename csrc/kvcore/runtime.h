@@ -1,6 +1,7 @@
 // Process-wide runtime facts: what was built, whether CUDA can run here and why not, debug checks.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -35,5 +36,33 @@ void set_debug_checks(bool enabled);
 
 // A CUDA stream passed through the API as an integer handle (0 = the legacy default stream).
 using StreamHandle = std::uintptr_t;
+
+// Thin CUDA runtime calls for the Python layer (kvcore.comm drives its streams, events and
+// buffers with them). Handles and pointers are integers; every failure, and every call in a
+// CPU-only build, raises KVCoreError.
+namespace cuda {
+using EventHandle = std::uintptr_t;
+
+int get_device();
+void set_device(int device);
+StreamHandle stream_create(int device);  // non-blocking: never waits on the legacy default stream
+void stream_destroy(StreamHandle stream);
+void stream_synchronize(StreamHandle stream);
+bool stream_is_capturing(StreamHandle stream);
+EventHandle event_create(int device);  // timing disabled
+void event_destroy(EventHandle event);
+void event_record(EventHandle event, StreamHandle stream);
+void stream_wait_event(StreamHandle stream, EventHandle event);
+bool event_query(EventHandle event);  // whether the work before the record has completed
+// cudaMemcpyAsync in whichever direction the addresses say (unified addressing).
+void memcpy_async(std::uintptr_t dst, std::uintptr_t src, std::size_t bytes, StreamHandle stream);
+// Device memory; allowed while another stream is being captured into a CUDA graph.
+std::uintptr_t device_malloc(int device, std::size_t bytes);
+void device_free(std::uintptr_t ptr);
+// Page-locks existing host memory so copies to and from it are asynchronous DMA; false (and no
+// error) when the system refuses, the memory then works as ordinary pageable memory.
+bool host_register(std::uintptr_t ptr, std::size_t bytes);
+void host_unregister(std::uintptr_t ptr);
+}  // namespace cuda
 
 }  // namespace kvcore

@@ -61,12 +61,17 @@ def _expected_bits(a: np.ndarray, dtype: str) -> np.ndarray:
     return _to_numpy_bits(_as_framework(a, dtype), dtype) if dtype == "bfloat16" else a.astype(dtype)
 
 
-def _worker(scenario, rank, world, store_dir, links, timeout, results):
+def _worker(scenario, rank, world, store_dir, links, timeout, results, scenarios=None):
+    """One rank: runs `scenario` (a function of this module, or of the module named `scenarios`).
+    A link option "device": "per-rank" becomes this rank's index (one GPU per rank)."""
     try:
+        links = [dict(l, device=rank) if isinstance(l, dict) and l.get("device") == "per-rank" else l for l in links]
+        module = __import__(scenarios) if scenarios else None
+        run = getattr(module, scenario) if module else globals()[scenario]
         store = comm.FileStore(store_dir, timeout=timeout)
         c = comm.Communicator(rank, world, store, links=links, timeout=timeout, align_bytes=64)
         try:
-            out = globals()[scenario](c, rank, world)
+            out = run(c, rank, world)
         finally:
             c.close()
         results.put((rank, "ok", out))
@@ -74,15 +79,17 @@ def _worker(scenario, rank, world, store_dir, links, timeout, results):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _spawn(tmp_path, scenario: str, world: int, links=("host", "socket"), timeout: float = LINK_TIMEOUT) -> list:
+def _spawn(tmp_path, scenario: str, world: int, links=("host", "socket"), timeout: float = LINK_TIMEOUT,
+           scenarios: str | None = None, join_timeout: float = JOIN_TIMEOUT) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store_dir = str(tmp_path / f"store-{scenario}-{world}-{time.monotonic_ns()}")
-    procs = [ctx.Process(target=_worker, args=(scenario, r, world, store_dir, list(links), timeout, results))
+    procs = [ctx.Process(target=_worker, args=(scenario, r, world, store_dir, list(links), timeout, results,
+                                               scenarios))
              for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
+    deadline = time.monotonic() + join_timeout
     outcomes = {}
     try:
         while len(outcomes) < world and time.monotonic() < deadline:
@@ -323,6 +330,65 @@ def test_tcp_store_roundtrip():
 def test_nccl_status_explains():
     ok, reason = comm.nccl_status()
     assert isinstance(ok, bool) and reason
+
+
+# ---- the CUDA path where CUDA cannot run -------------------------------------------------------------
+
+cuda_unusable = pytest.mark.skipif(kvcore.cuda_status()[0], reason="CUDA is usable here (see test_comm_cuda.py)")
+
+
+def test_nccl_link_unavailable_names_the_reason(tmp_path):
+    nccl_ok, nccl_reason = comm.nccl_status()
+    cuda_ok, cuda_reason = kvcore.cuda_status()
+    if nccl_ok and cuda_ok:
+        pytest.skip("NCCL and CUDA are usable here")
+    store = comm.FileStore(str(tmp_path / "s"), timeout=5)
+    with pytest.raises(ValueError, match="links: 'nccl' is unavailable") as info:
+        comm.Communicator(0, 1, store, links=["host", "nccl"])
+    assert (cuda_reason if nccl_ok else nccl_reason) in str(info.value)
+
+
+@cuda_unusable
+def test_comm_reduce_cuda_needs_cuda():
+    with pytest.raises(kvcore.KVCoreError, match="comm_reduce_cuda: CUDA is not available"):
+        kvcore._C.comm_reduce_cuda([1 << 20, 2 << 20], 3 << 20, 4, "float32", "sum", 0)
+    for call in (lambda: kvcore._C.cuda_stream_create(0), lambda: kvcore._C.cuda_malloc(0, 16),
+                 lambda: kvcore._C.NcclComm(bytes(128), 0, 1, 0)):
+        with pytest.raises(kvcore.KVCoreError, match="CUDA is not available"):
+            call()
+
+
+class _FakeCudaArray:
+    """Claims to live on cuda:0 (DLPack device type 2) without any memory behind it."""
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+@cuda_unusable
+def test_cuda_arrays_need_cuda(tmp_path):
+    store = comm.FileStore(str(tmp_path / "s"), timeout=5)
+    with comm.Communicator(0, 1, store, links=["host"]) as c:
+        for collective in (c.all_reduce, c.all_gather, c.reduce_scatter):
+            with pytest.raises(kvcore.KVCoreError, match=r"x \(a CUDA array\): CUDA is not available"):
+                collective(_FakeCudaArray())
+        assert c.stats()["collectives"] == 0
+
+
+def test_device_bytes_slice_like_numpy():
+    from kvcore.comm._device import DeviceBytes
+
+    host = np.arange(100, dtype=np.uint8)
+    dev = DeviceBytes(1000, 100, 0)
+    for sl in (slice(3, 17), slice(0, 0), slice(90, 200), slice(None, 40), slice(-10, None)):
+        part = dev[sl]
+        assert (part.ptr - 1000, len(part)) == ((host[sl][0] if host[sl].size else part.ptr - 1000), host[sl].size)
+    rows = dev[10:].reshape(3, 20)
+    assert [(r.ptr, r.size) for r in rows] == [(1010, 20), (1030, 20), (1050, 20)]
+    with pytest.raises(ValueError, match="reshape"):
+        dev.reshape(3, 40)
+    with pytest.raises(TypeError, match="contiguous slices"):
+        dev[::2]
 
 
 def test_reduce_is_rank_ordered():

@@ -2,10 +2,15 @@
 send a buffer to every peer and receive one from every peer, all ranks calling it in the same
 order. The collectives (_communicator.py) are built on it, so every link does the same arithmetic.
 
-- host: the PCIe path. On CPU ranks a named shared-memory segment (/dev/shm) that every rank of the
-  node maps: each rank owns an area with one region per destination, and two counters (posted,
-  done) order the rounds. The CUDA variant (GPU -> pinned shared memory -> peer GPU) is not built.
-- socket: TCP between every pair of ranks, the network path on machines without RDMA.
+- host: the PCIe path. A named shared-memory segment (/dev/shm) that every rank of the node maps:
+  each rank owns an area with one region per destination, and two counters (posted, done) order
+  the rounds. GPU buffers go GPU -> the segment (page-locked for DMA when the system allows) -> peer GPU.
+- socket: TCP between every pair of ranks, the network path on machines without RDMA; GPU buffers
+  are staged through a page-locked host buffer.
+- nccl: NCCL send/receive between GPUs (NVLink, or whatever NCCL finds); it only moves bytes.
+
+Buffers are numpy uint8 arrays or DeviceBytes (GPU memory, see _device.py); for GPU buffers the
+copies are queued on the stream passed to exchange().
 
 Every wait is bounded by the link's timeout; a link that fails or times out is killed (its peers
 see it at once: a dead flag, or closed sockets) and raises LinkDown.
@@ -18,10 +23,14 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 import uuid
 
 import numpy as np
+
+from .. import _C
+from ._device import DeviceBytes, DeviceScratch, PinnedBuffer, copy_bytes
 
 MiB = 1 << 20
 
@@ -54,6 +63,8 @@ class Link:
     benchmarks), fail_at / fail_rank (this rank kills the link at its fail_at-th exchange)."""
 
     kind = "?"
+    # Whether _exchange takes GPU buffers itself; otherwise exchange() stages them through host memory.
+    carries_device_memory = False
 
     def __init__(self, rank: int, world_size: int, timeout: float, options: dict):
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
@@ -62,33 +73,69 @@ class Link:
         self.fail_rank = int(options.get("fail_rank", 0))
         self.exchanges = 0
         self.up = True
+        self._staging_out = self._staging_in = None  # PinnedBuffers, made on the first GPU exchange
 
-    def exchange(self, sends: list, recvs: list, max_bytes: int) -> None:
-        """Sends sends[p] to each peer p and receives recvs[p] (uint8 arrays, None for this rank).
-        max_bytes: the largest message of this exchange on any rank (every rank passes the same)."""
+    def exchange(self, sends: list, recvs: list, max_bytes: int, stream: int = 0) -> None:
+        """Sends sends[p] to each peer p and receives recvs[p] (uint8 arrays or DeviceBytes, None for
+        this rank). max_bytes: the largest message of this exchange on any rank (every rank passes the
+        same). stream: the CUDA stream that orders copies of GPU buffers."""
         if not self.up:
             raise LinkDown(f"{self.kind}: link is down")
         self.exchanges += 1
         if self.delay_s_per_mib > 0:
             sent = sum(len(s) for s in sends if s is not None)
             time.sleep(self.delay_s_per_mib * sent / MiB)
+        staged = not self.carries_device_memory and _on_device(sends, recvs)
+        if staged:
+            sends, recvs, device_recvs = self._stage(sends, recvs, stream)
         if self.fail_at is not None and self.exchanges > int(self.fail_at) and self.rank == self.fail_rank:
             self._fail_partway(sends)
             self.kill()
             raise LinkDown(f"{self.kind}: killed by fail_at={self.fail_at} (fault injection)")
         try:
-            self._exchange(sends, recvs, max_bytes)
+            self._exchange(sends, recvs, max_bytes, stream)
         except LinkDown:
             self.kill()
             raise
         except OSError as e:
             self.kill()
             raise LinkDown(f"{self.kind}: {e}") from e
+        if staged:
+            for dst, src in zip(device_recvs, recvs):
+                if dst is not None:
+                    copy_bytes(dst, src, stream)
+            _C.cuda_stream_synchronize(stream)  # the staging buffer is reused by the next exchange
+
+    def _stage(self, sends: list, recvs: list, stream: int) -> tuple[list, list, list]:
+        """Host copies of GPU sends (complete on return) and host buffers for GPU receives:
+        (host sends, host receives, the receives' GPU destinations)."""
+        if self._staging_out is None:
+            self._staging_out, self._staging_in = PinnedBuffer(), PinnedBuffer()
+        out = self._staging_out.get(sum(len(s) for s in sends if s is not None))
+        inbox = self._staging_in.get(sum(len(r) for r in recvs if r is not None))
+        host_sends, host_recvs, at_out, at_in = [], [], 0, 0
+        for s in sends:
+            if s is None:
+                host_sends.append(None)
+                continue
+            host = out[at_out:at_out + len(s)]
+            copy_bytes(host, s, stream)
+            host_sends.append(host)
+            at_out += len(s)
+        for r in recvs:
+            host_recvs.append(None if r is None else inbox[at_in:at_in + len(r)])
+            at_in += 0 if r is None else len(r)
+        _C.cuda_stream_synchronize(stream)
+        return host_sends, host_recvs, recvs
+
+    def finish(self, stream: int) -> None:
+        """Waits until the GPU work queued on `stream` (copies, reductions) has completed."""
+        _C.cuda_stream_synchronize(stream)
 
     def _fail_partway(self, sends: list) -> None:
         """Fault injection sends part of the data first, so the peers fail mid-transfer."""
 
-    def _exchange(self, sends: list, recvs: list, max_bytes: int) -> None:
+    def _exchange(self, sends: list, recvs: list, max_bytes: int, stream: int) -> None:
         raise NotImplementedError
 
     def kill(self) -> None:
@@ -96,6 +143,14 @@ class Link:
 
     def close(self) -> None:
         self.kill()
+        for staging in (self._staging_out, self._staging_in):
+            if staging is not None:
+                staging.close()
+        self._staging_out = self._staging_in = None
+
+
+def _on_device(sends: list, recvs: list) -> bool:
+    return any(isinstance(b, DeviceBytes) for b in (*sends, *recvs))
 
 
 class HostLink(Link):
@@ -105,6 +160,7 @@ class HostLink(Link):
     reading round k-1, write, post k, read every peer's round k, mark done k."""
 
     kind = "host"
+    carries_device_memory = True  # copies GPU buffers straight to and from the segment
     _HEADER = 64
 
     def __init__(self, rank, world_size, timeout, options, store, prefix):
@@ -134,6 +190,7 @@ class HostLink(Link):
                 store.get(f"{prefix}/host/attached/{p}")
             os.unlink(f"/dev/shm/{name}")
         self._round = 0
+        self._registered = None  # whether the segment is page-locked for the GPU; decided on first use
 
     def _counter(self, rank: int, which: int) -> int:  # which: 0 posted, 1 done, 2 dead
         return rank * (self._HEADER // 8) + which
@@ -145,21 +202,28 @@ class HostLink(Link):
     def _any_dead(self) -> bool:
         return any(self._ctr[self._counter(p, 2)] for p in range(self.world_size))
 
-    def _exchange(self, sends, recvs, max_bytes):
+    def _exchange(self, sends, recvs, max_bytes, stream):
         R, me, ctr = self.region, self.rank, self._ctr
         peers = [p for p in range(self.world_size) if p != me]
         deadline = time.monotonic() + self.timeout
+        on_gpu = _on_device(sends, recvs)
+        if on_gpu and self._registered is None:
+            self._registered = _C.cuda_host_register(self._bytes.ctypes.data, self._bytes.size)
         for start in range(0, max_bytes, R):
             k = self._round + 1
             _wait(lambda: all(ctr[self._counter(p, 1)] >= k - 1 for p in peers), deadline, "host", self._any_dead)
             for p in peers:
                 piece = sends[p][start:start + R]
-                self._region(me, p)[:len(piece)] = piece
+                copy_bytes(self._region(me, p)[:len(piece)], piece, stream)
+            if on_gpu:
+                _C.cuda_stream_synchronize(stream)  # the data is in the segment before it is posted
             ctr[self._counter(me, 0)] = k  # x86 keeps stores in order: the data is visible first
             for p in peers:
                 _wait(lambda: ctr[self._counter(p, 0)] >= k, deadline, "host", self._any_dead)
                 piece = recvs[p][start:start + R]
-                piece[:] = self._region(p, me)[:len(piece)]
+                copy_bytes(piece, self._region(p, me)[:len(piece)], stream)
+            if on_gpu:
+                _C.cuda_stream_synchronize(stream)  # read out before the peers may overwrite it
             ctr[self._counter(me, 1)] = k
             self._round = k
 
@@ -170,6 +234,9 @@ class HostLink(Link):
 
     def close(self):
         super().close()
+        if getattr(self, "_registered", None):
+            self._registered = None
+            _C.cuda_host_unregister(self._bytes.ctypes.data)
         if hasattr(self, "_map"):
             self._bytes = self._ctr = None
             try:
@@ -228,7 +295,7 @@ class SocketLink(Link):
             buf += chunk
         return buf
 
-    def _exchange(self, sends, recvs, max_bytes):
+    def _exchange(self, sends, recvs, max_bytes, stream):
         sent = {p: 0 for p in self._socks if len(sends[p])}
         got = {p: 0 for p in self._socks if len(recvs[p])}
         by_sock = {s: p for p, s in self._socks.items()}
@@ -279,7 +346,114 @@ class SocketLink(Link):
         super().kill()
 
 
-LINK_TYPES = {"host": HostLink, "socket": SocketLink}
-# Starting estimates for CPU ranks (bus bandwidth in bytes/s, latency in s per step); the balancer
-# corrects them from completion times. Configure per link with bandwidth_gbps= / latency_us=.
-DEFAULT_MODELS = {"host": (4e9, 100e-6), "socket": (1e9, 200e-6)}
+class NcclLink(Link):
+    """NCCL between GPUs: one grouped send/receive per exchange, queued on the caller's stream
+    (asynchronous; finish() waits, bounded by the timeout, and aborts NCCL on expiry). Rank 0
+    publishes the NCCL unique id through the store. Option: device (this rank's GPU; default the
+    current one). Host buffers (the communicator's status agreement) are staged through the GPU."""
+
+    kind = "nccl"
+    carries_device_memory = True
+
+    def __init__(self, rank, world_size, timeout, options, store, prefix):
+        super().__init__(rank, world_size, timeout, options)
+        self.device = int(options["device"]) if "device" in options else _current_device()
+        key = f"{prefix}/nccl/unique_id"
+        if rank == 0:
+            unique_id = _C.nccl_unique_id()
+            store.set(key, unique_id)
+        else:
+            unique_id = bytes(store.get(key))
+        self._comm = _C.NcclComm(unique_id, rank, world_size, self.device)
+        self._stream = _C.cuda_stream_create(self.device)  # for host-buffer exchanges
+        self._done = _C.cuda_event_create(self.device)
+        self._staging = DeviceScratch(self.device)
+        try:
+            # NCCL connects two ranks on their first send/receive and blocks until both arrive: do it
+            # now, while every rank is here, so later exchanges only queue work.
+            probe = np.zeros(1, np.uint8)
+            self._exchange([None if p == rank else probe for p in range(world_size)],
+                           [None if p == rank else np.zeros(1, np.uint8) for p in range(world_size)], 1,
+                           self._stream)
+        except BaseException:
+            self.close()
+            raise
+
+    def _exchange(self, sends, recvs, max_bytes, stream):
+        try:
+            self._queue(sends, recvs, stream)
+        except _C.KVCoreError as e:  # NCCL refused the operation: the link is unusable
+            raise LinkDown(f"nccl: {e}") from e
+
+    def _queue(self, sends, recvs, stream):
+        if not any(isinstance(b, np.ndarray) for b in (*sends, *recvs)):
+            self._comm.exchange([None if s is None else (s.ptr, s.nbytes) for s in sends],
+                                [None if r is None else (r.ptr, r.nbytes) for r in recvs], stream)
+            return
+        # Host buffers: up to the GPU, across, and back, on the link's own stream.
+        total = sum(len(b) for b in (*sends, *recvs) if b is not None)
+        area, at = self._staging.get(total), 0
+        dev_sends, dev_recvs = [], []
+        for s in sends:
+            dev_sends.append(None if s is None else area[at:at + len(s)])
+            at += 0 if s is None else len(s)
+            if s is not None:
+                copy_bytes(dev_sends[-1], s, self._stream)
+        for r in recvs:
+            dev_recvs.append(None if r is None else area[at:at + len(r)])
+            at += 0 if r is None else len(r)
+        self._comm.exchange([None if s is None else (s.ptr, s.nbytes) for s in dev_sends],
+                            [None if r is None else (r.ptr, r.nbytes) for r in dev_recvs], self._stream)
+        for host, dev in zip(recvs, dev_recvs):
+            if host is not None:
+                copy_bytes(host, dev, self._stream)
+        self.finish(self._stream)
+
+    def finish(self, stream: int) -> None:
+        """Polls the queued work and NCCL's error state until done; LinkDown (NCCL aborted) on an
+        NCCL error or at the timeout."""
+        _C.cuda_event_record(self._done, stream)
+        deadline = time.monotonic() + self.timeout
+
+        def dead():
+            return bool(self._comm is None or self._comm.async_error())
+
+        try:
+            _wait(lambda: _C.cuda_event_query(self._done), deadline, "nccl", dead)
+        except LinkDown as e:
+            reason = self._comm.async_error() if self._comm is not None else ""
+            self.kill()
+            raise LinkDown(f"{e}{f' ({reason})' if reason else ''}") from None
+
+    def kill(self):
+        comm, self._comm = getattr(self, "_comm", None), None
+        if comm is not None:
+            try:
+                comm.abort()
+            except _C.KVCoreError:
+                pass  # already failed; nothing more to end
+        super().kill()
+
+    def close(self):
+        comm, self._comm = getattr(self, "_comm", None), None
+        del comm  # a healthy communicator is destroyed, not aborted
+        super().close()
+        if hasattr(self, "_staging"):
+            self._staging.close()
+            _C.cuda_event_destroy(self._done)
+            _C.cuda_stream_destroy(self._stream)
+            del self._staging
+
+
+def _current_device() -> int:
+    """The caller's current GPU: torch's when torch has set one up, else the CUDA runtime's."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_device())
+    return _C.cuda_get_device()
+
+
+LINK_TYPES = {"nccl": NcclLink, "host": HostLink, "socket": SocketLink}
+# Starting estimates (bus bandwidth in bytes/s, latency in s per step); the balancer corrects them
+# from completion times. Configure per link with bandwidth_gbps= / latency_us=.
+DEFAULT_MODELS = {"nccl": (100e9, 30e-6), "host": (4e9, 100e-6), "socket": (1e9, 200e-6)}
