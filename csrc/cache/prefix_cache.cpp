@@ -231,7 +231,10 @@ struct PrefixCache::Impl {
     if (added) class_rates.emplace_back();
     return it->second;
   }
-  void count_reuse(int32_t reuse_class) {
+  // A first-seen page (in the tree or the ghost list) requested again: one reuse for its class.
+  void label_reused(bool& pending, int32_t reuse_class) {
+    if (!pending) return;
+    pending = false;
     class_rates[size_t(reuse_class)].reused += 1;
     overall_rate.reused += 1;
   }
@@ -456,10 +459,7 @@ PrefixCache::Match PrefixCache::match(const int32_t* tokens, int64_t n, int64_t 
       on_gpu = false;
       node.host_hit = true;
     }
-    if (node.reuse_pending) {
-      node.reuse_pending = false;
-      s.count_reuse(node.reuse_class);
-    }
+    s.label_reused(node.reuse_pending, node.reuse_class);
     s.touch(node, now);
     s.relist(c);
     cur = c;
@@ -478,10 +478,7 @@ PrefixCache::Match PrefixCache::match(const int32_t* tokens, int64_t n, int64_t 
         auto g = s.ghost.find(key);
         if (g != s.ghost.end()) {
           s.st.ghost_hits++;
-          if (g->second.reuse_pending) {  // a refused first-seen page requested again: its class is reused
-            g->second.reuse_pending = false;
-            s.count_reuse(g->second.reuse_class);
-          }
+          s.label_reused(g->second.reuse_pending, g->second.reuse_class);
           // Only pages the threshold turned away say it is too high (first-seen pages answer to the budget).
           if (s.cfg.adaptive && g->second.hot > 1) s.threshold = std::max(s.threshold * Impl::kLower, 1.0);
         }
