@@ -47,6 +47,16 @@ def address(buf) -> int:
     return buf.ptr if isinstance(buf, DeviceBytes) else buf.ctypes.data
 
 
+def carve(area, buffers: list) -> list:
+    """Consecutive slices of `area` as long as each buffer (None stays None): where a staging area
+    holds a list of messages."""
+    views, at = [], 0
+    for b in buffers:
+        views.append(None if b is None else area[at:at + len(b)])
+        at += 0 if b is None else len(b)
+    return views
+
+
 def copy_bytes(dst, src, stream: int) -> None:
     """dst[:] = src; through cudaMemcpyAsync on `stream` when either side is on the GPU (the caller
     synchronizes before it reads or reuses host memory)."""

@@ -30,7 +30,7 @@ import uuid
 import numpy as np
 
 from .. import _C
-from ._device import DeviceBytes, DeviceScratch, PinnedBuffer, copy_bytes
+from ._device import DeviceBytes, DeviceScratch, PinnedBuffer, carve, copy_bytes
 
 MiB = 1 << 20
 
@@ -87,7 +87,8 @@ class Link:
             time.sleep(self.delay_s_per_mib * sent / MiB)
         staged = not self.carries_device_memory and _on_device(sends, recvs)
         if staged:
-            sends, recvs, device_recvs = self._stage(sends, recvs, stream)
+            device_recvs = recvs
+            sends, recvs = self._stage(sends, recvs, stream)
         if self.fail_at is not None and self.exchanges > int(self.fail_at) and self.rank == self.fail_rank:
             self._fail_partway(sends)
             self.kill()
@@ -106,27 +107,17 @@ class Link:
                     copy_bytes(dst, src, stream)
             _C.cuda_stream_synchronize(stream)  # the staging buffer is reused by the next exchange
 
-    def _stage(self, sends: list, recvs: list, stream: int) -> tuple[list, list, list]:
-        """Host copies of GPU sends (complete on return) and host buffers for GPU receives:
-        (host sends, host receives, the receives' GPU destinations)."""
+    def _stage(self, sends: list, recvs: list, stream: int) -> tuple[list, list]:
+        """Host copies of GPU sends (complete on return) and host buffers for GPU receives."""
         if self._staging_out is None:
             self._staging_out, self._staging_in = PinnedBuffer(), PinnedBuffer()
-        out = self._staging_out.get(sum(len(s) for s in sends if s is not None))
-        inbox = self._staging_in.get(sum(len(r) for r in recvs if r is not None))
-        host_sends, host_recvs, at_out, at_in = [], [], 0, 0
-        for s in sends:
-            if s is None:
-                host_sends.append(None)
-                continue
-            host = out[at_out:at_out + len(s)]
-            copy_bytes(host, s, stream)
-            host_sends.append(host)
-            at_out += len(s)
-        for r in recvs:
-            host_recvs.append(None if r is None else inbox[at_in:at_in + len(r)])
-            at_in += 0 if r is None else len(r)
+        host_sends = carve(self._staging_out.get(sum(len(s) for s in sends if s is not None)), sends)
+        host_recvs = carve(self._staging_in.get(sum(len(r) for r in recvs if r is not None)), recvs)
+        for host, s in zip(host_sends, sends):
+            if s is not None:
+                copy_bytes(host, s, stream)
         _C.cuda_stream_synchronize(stream)
-        return host_sends, host_recvs, recvs
+        return host_sends, host_recvs
 
     def finish(self, stream: int) -> None:
         """Waits until the GPU work queued on `stream` (copies, reductions) has completed."""
@@ -391,17 +382,11 @@ class NcclLink(Link):
                                 [None if r is None else (r.ptr, r.nbytes) for r in recvs], stream)
             return
         # Host buffers: up to the GPU, across, and back, on the link's own stream.
-        total = sum(len(b) for b in (*sends, *recvs) if b is not None)
-        area, at = self._staging.get(total), 0
-        dev_sends, dev_recvs = [], []
-        for s in sends:
-            dev_sends.append(None if s is None else area[at:at + len(s)])
-            at += 0 if s is None else len(s)
+        staged = carve(self._staging.get(sum(len(b) for b in (*sends, *recvs) if b is not None)), [*sends, *recvs])
+        dev_sends, dev_recvs = staged[:len(sends)], staged[len(sends):]
+        for dev, s in zip(dev_sends, sends):
             if s is not None:
-                copy_bytes(dev_sends[-1], s, self._stream)
-        for r in recvs:
-            dev_recvs.append(None if r is None else area[at:at + len(r)])
-            at += 0 if r is None else len(r)
+                copy_bytes(dev, s, self._stream)
         self._comm.exchange([None if s is None else (s.ptr, s.nbytes) for s in dev_sends],
                             [None if r is None else (r.ptr, r.nbytes) for r in dev_recvs], self._stream)
         for host, dev in zip(recvs, dev_recvs):
