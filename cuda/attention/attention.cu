@@ -9,7 +9,7 @@
 // only on host-known shapes and the SM count, work lists are built on the device, and scratch
 // memory comes from the stream-ordered allocator, so no op synchronizes with the host and every
 // op can be captured in a CUDA graph.
-#include <cuda_runtime.h>
+#include "../common/device.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -94,11 +94,11 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
   const bool bf16 = p.dtype == DType::BFloat16;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  __shared__ float s_m[kWarps][kMaxRows];
-  __shared__ float s_l[kWarps][kMaxRows];
-  __shared__ float s_acc[kWarps][kMaxRows][D];
-  __shared__ float s_out[kMaxRows][D];
-  __shared__ float s_lse[kMaxRows];
+  KVCORE_SHARED(float, s_m, [kWarps][kMaxRows]);
+  KVCORE_SHARED(float, s_l, [kWarps][kMaxRows]);
+  KVCORE_SHARED(float, s_acc, [kWarps][kMaxRows][D]);
+  KVCORE_SHARED(float, s_out, [kMaxRows][D]);
+  KVCORE_SHARED(float, s_lse, [kMaxRows]);
 
   float q[kMaxRows][N], acc[kMaxRows][N], m[kMaxRows], l[kMaxRows];
   int qlo = INT32_MAX, qhi = INT32_MIN;
@@ -283,8 +283,10 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs a, TileShape shape,
                                                                    const int32_t* tile_offsets, Partials part,
                                                                    DeviceErrorReport* report) {
-  __shared__ Row rows[kMaxRows];
-  __shared__ int s_nrows, s_b, s_skip;
+  KVCORE_SHARED(Row, rows, [kMaxRows]);
+  KVCORE_SHARED(int, s_nrows, );
+  KVCORE_SHARED(int, s_b, );
+  KVCORE_SHARED(int, s_skip, );
   const int kv_head = blockIdx.y / shape.head_chunks, chunk = blockIdx.y % shape.head_chunks;
   const int group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
@@ -315,8 +317,10 @@ template <int D, typename T>
 __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs a, int tokens_per_tile,
                                                                   const int32_t* tile_offsets, tc::TcPartials part,
                                                                   DeviceErrorReport* report) {
-  __shared__ tc::RowSlot rows[tc::kRows];
-  __shared__ int s_nrows, s_b, s_skip;
+  KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
+  KVCORE_SHARED(int, s_nrows, );
+  KVCORE_SHARED(int, s_b, );
+  KVCORE_SHARED(int, s_skip, );
   const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
     const TileRequest tr = locate_tile(a, tile_offsets, tokens_per_tile, blockIdx.x, report);
@@ -344,8 +348,8 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 template <int D, typename T>
 __global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
-  __shared__ tc::RowSlot rows[tc::kRows];
-  __shared__ int s_nrows;
+  KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
+  KVCORE_SHARED(int, s_nrows, );
   const AttentionArgs& a = sa.suffix;
   const int g = blockIdx.z / splits, split = blockIdx.z % splits;
   const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
@@ -489,7 +493,7 @@ void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* ti
   dim3 grid(unsigned(tiles), unsigned(a.p.num_kv_heads * shape.head_chunks), unsigned(splits));
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    paged_attention_kernel<decltype(d)::value><<<grid, kThreads, 0, stream>>>(a, shape, tile_offsets, part, report);
+    launch_kernel(paged_attention_kernel<decltype(d)::value>, grid, kThreads, 0, stream, a, shape, tile_offsets, part, report);
   });
   KVCORE_CUDA_CHECK_LAUNCH();
 }
@@ -500,7 +504,7 @@ void launch_tc(DType dtype, dim3 grid, cudaStream_t stream, Args... args) {
   const size_t smem = tc::Tile<D>::kBytes;
   auto run = [&](auto kernel) {
     KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<grid, tc::kThreads, smem, stream>>>(args...);
+    launch_kernel(kernel, grid, tc::kThreads, smem, stream, args...);
   };
   if (dtype == DType::BFloat16) run(Kernel<D, __nv_bfloat16>::fn);
   else run(Kernel<D, __half>::fn);
@@ -540,7 +544,7 @@ PassPlan plan_paged(const AttentionArgs& a) {
 // One paged pass into `part` (or straight into the output when part.o is null: one split).
 void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream, int32_t* tile_offsets, Partials part) {
   if (a.cu_seqlens_q) {
-    build_tiles_kernel<<<1, 32, 0, stream>>>(a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets);
+    launch_kernel(build_tiles_kernel, 1, 32, 0, stream, a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets);
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   if (!plan.tensor_cores) {
@@ -578,7 +582,7 @@ void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
   }
   run_paged(a, plan, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, part);
   if (plan.splits > 1) {
-    merge_partials_kernel<<<unsigned(states), 128, 0, stream>>>(a, part, plan.splits);
+    launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, plan.splits);
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   raise_device_errors(stream, "attention", {"seq_lens", "block_table"});
@@ -614,7 +618,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   Partials suffix_part = part;
   suffix_part.source_base = prefix_splits;
   run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part);
-  merge_partials_kernel<<<unsigned(states), 128, 0, stream>>>(a, part, sources);
+  launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, sources);
   KVCORE_CUDA_CHECK_LAUNCH();
   raise_device_errors(stream, "shared_prefix attention", {"seq_lens", "block_table"});
 }
@@ -623,7 +627,7 @@ void merge_states_cuda(const MergeStatesArgs& m, StreamHandle stream_handle) {
   require_cuda("merge_states");
   if (m.tokens == 0 || m.heads == 0) return;
   CudaDeviceGuard guard(m.device.index);
-  merge_states_kernel<<<unsigned(m.tokens * m.heads), 128, 0, to_cuda_stream(stream_handle)>>>(m);
+  launch_kernel(merge_states_kernel, unsigned(m.tokens * m.heads), 128, 0, to_cuda_stream(stream_handle), m);
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 

@@ -7,6 +7,8 @@
 
 #include <mma.h>
 
+#include "../common/device.cuh"
+
 #include "kvcore/attention.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/device_error.h"
@@ -67,7 +69,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
                                TcPartials part, DeviceErrorReport* report) {
   using TileT = Tile<D>;
   constexpr int N = TileT::kKeys;
-  extern __shared__ __align__(128) unsigned char smem[];
+  KVCORE_DYNAMIC_SHARED(unsigned char, smem, 128);
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = reinterpret_cast<T*>(smem + TileT::kQ);
   T* vs = reinterpret_cast<T*>(smem + TileT::kQ + TileT::kK);

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/device.cuh"
+
 #include "kvcore/comm.h"
 #include "kvcore/cuda_utils.h"
 #include "kvcore/detail/float16.h"
@@ -110,11 +112,11 @@ void launch(const ReduceInputs& in, void* out, int64_t count, int device, cudaSt
   const int64_t work = (count + vec - 1) / vec;
   const unsigned blocks = unsigned(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, int64_t(sms) * 8));
   switch (vec) {
-    case 1: reduce_kernel<Codec, kMax, 1><<<blocks, kThreads, 0, stream>>>(in, out, count); break;
-    case 2: reduce_kernel<Codec, kMax, 2><<<blocks, kThreads, 0, stream>>>(in, out, count); break;
-    case 4: reduce_kernel<Codec, kMax, 4><<<blocks, kThreads, 0, stream>>>(in, out, count); break;
+    case 1: launch_kernel(reduce_kernel<Codec, kMax, 1>, blocks, kThreads, 0, stream, in, out, count); break;
+    case 2: launch_kernel(reduce_kernel<Codec, kMax, 2>, blocks, kThreads, 0, stream, in, out, count); break;
+    case 4: launch_kernel(reduce_kernel<Codec, kMax, 4>, blocks, kThreads, 0, stream, in, out, count); break;
     default:
-      if constexpr (kWidest == 8) reduce_kernel<Codec, kMax, 8><<<blocks, kThreads, 0, stream>>>(in, out, count);
+      if constexpr (kWidest == 8) launch_kernel(reduce_kernel<Codec, kMax, 8>, blocks, kThreads, 0, stream, in, out, count);
       break;
   }
   KVCORE_CUDA_CHECK_LAUNCH();

@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/device.cuh"
+
 #include "kvcore/cuda_utils.h"
 #include "kvcore/detail/paged.h"
 #include "kvcore/kv_cache.h"
@@ -51,7 +53,7 @@ template <typename Vec>
 void launch_append_kv(const AppendKVArgs& a, cudaStream_t stream, DeviceErrorReport* report) {
   const int64_t total = a.heads * a.head_dim * int64_t(a.elem_bytes) / int64_t(sizeof(Vec));
   const int threads = int(std::min<int64_t>(256, (total + 31) / 32 * 32));
-  append_kv_kernel<Vec><<<unsigned(a.tokens), threads, 0, stream>>>(a, report);
+  launch_kernel(append_kv_kernel<Vec>, unsigned(a.tokens), threads, 0, stream, a, report);
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 
@@ -91,7 +93,7 @@ void launch_copy_pages(const CopyPagesArgs& a, cudaStream_t stream, DeviceErrorR
   const int64_t vecs = a.page_bytes / int64_t(sizeof(Vec));
   const int64_t slices = std::min<int64_t>(std::max<int64_t>(1, vecs / (kThreads * 4)), 1024);
   dim3 grid(unsigned(a.num_copies), unsigned(slices));
-  copy_pages_kernel<Vec><<<grid, kThreads, 0, stream>>>(a, report);
+  launch_kernel(copy_pages_kernel<Vec>, grid, kThreads, 0, stream, a, report);
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 

@@ -4,7 +4,7 @@
 // finds min/max with warp reductions, quantizes, packs and stores; nothing intermediate touches
 // device memory. hadamard_transform and dequantize_kv_int4 (test/debug ops) run one thread per row
 // on the shared host/device functions.
-#include <cuda_runtime.h>
+#include "../common/device.cuh"
 
 #include "int4_warp.cuh"
 #include "kvcore/cuda_utils.h"
@@ -136,7 +136,7 @@ void hadamard_transform_cuda(const HadamardArgs& a, StreamHandle stream) {
   KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "hadamard_transform: CUDA supports the last dim up to ",
                      kMaxGenericDim, ", got ", a.head_dim);
   CudaDeviceGuard guard(a.device.index);
-  hadamard_kernel<<<grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream)>>>(a);
+  launch_kernel(hadamard_kernel, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 
@@ -149,13 +149,13 @@ void append_kv_int4_cuda(const AppendKVInt4Args& a, StreamHandle stream_handle) 
   const int64_t rows = a.tokens * a.heads * 2;
   const unsigned warp_grid = grid_for(rows, kWarpsPerBlock);
   switch (a.head_dim) {
-    case 64: append_kv_int4_kernel<2><<<warp_grid, 32 * kWarpsPerBlock, 0, stream>>>(a, report); break;
-    case 128: append_kv_int4_kernel<4><<<warp_grid, 32 * kWarpsPerBlock, 0, stream>>>(a, report); break;
-    case 256: append_kv_int4_kernel<8><<<warp_grid, 32 * kWarpsPerBlock, 0, stream>>>(a, report); break;
+    case 64: launch_kernel(append_kv_int4_kernel<2>, warp_grid, 32 * kWarpsPerBlock, 0, stream, a, report); break;
+    case 128: launch_kernel(append_kv_int4_kernel<4>, warp_grid, 32 * kWarpsPerBlock, 0, stream, a, report); break;
+    case 256: launch_kernel(append_kv_int4_kernel<8>, warp_grid, 32 * kWarpsPerBlock, 0, stream, a, report); break;
     default:
       KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "append_kv_int4: CUDA supports head_dim up to ",
                          kMaxGenericDim, ", got ", a.head_dim);
-      append_kv_int4_generic_kernel<<<grid_for(rows, 128), 128, 0, stream>>>(a, report);
+      launch_kernel(append_kv_int4_generic_kernel, grid_for(rows, 128), 128, 0, stream, a, report);
   }
   KVCORE_CUDA_CHECK_LAUNCH();
   raise_device_errors(stream, "append_kv_int4", {"slot_mapping"});
@@ -167,7 +167,7 @@ void dequantize_kv_int4_cuda(const DequantizeInt4Args& a, StreamHandle stream) {
   KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "dequantize_kv_int4: CUDA supports head_dim up to ",
                      kMaxGenericDim, ", got ", a.head_dim);
   CudaDeviceGuard guard(a.device.index);
-  dequantize_kernel<<<grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream)>>>(a);
+  launch_kernel(dequantize_kernel, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "../common/device.cuh"
+
 namespace kvcore {
 
 template <int N>

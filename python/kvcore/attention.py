@@ -14,7 +14,8 @@ dtypes: bfloat16 or float16; D in {64, 128, 256}; GQA/MQA when Hq % Hkv == 0; an
 Options: `scale` (default D**-0.5), `window` (a query at position p sees keys p - window < j <= p),
 `soft_cap` (logits = soft_cap * tanh(logits / soft_cap)). With `return_lse=True` the ops also return
 the float32 log-sum-exp [tokens, Hq] in the NATURAL log (FlashInfer uses base 2), which
-`merge_states` combines. CUDA ops run asynchronously on `stream` (default: torch's current stream
+`merge_states` combines; `lse=` takes a preallocated one (as `out=` does the output; both needed for
+CUDA-graph capture, and passing it implies return_lse). CUDA ops run asynchronously on `stream` (default: torch's current stream
 for torch tensors); the CPU backend validates block tables and lengths (IndexError / ValueError).
 """
 
@@ -42,10 +43,13 @@ def _options(scale: Any, window: Any, soft_cap: Any) -> tuple[float, int, float]
     return float(scale or 0.0), int(window or 0), float(soft_cap or 0.0)
 
 
-def _outputs(q: Any, out: Any, return_lse: bool):
+def _outputs(q: Any, out: Any, return_lse: bool, lse: Any = None):
+    """`out` [tokens, Hq, D] and, with return_lse, the float32 LSE [tokens, Hq]: the caller's arrays
+    (preallocated, as CUDA graphs need) or new ones next to q. Passing `lse` implies return_lse."""
     if out is None:
         out = empty_like(q, q.shape, _dtype_of(q))
-    lse = empty_like(q, (q.shape[0], q.shape[1]), "float32", "lse") if return_lse else None
+    if lse is None and return_lse:
+        lse = empty_like(q, (q.shape[0], q.shape[1]), "float32", "lse")
     return out, lse
 
 
@@ -54,35 +58,35 @@ def _dtype_of(x: Any) -> str:
 
 
 def _result(out: Any, lse: Any, return_lse: bool):
-    return (out, lse) if return_lse else out
+    return (out, lse) if return_lse or lse is not None else out
 
 
-def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, return_lse=False, out=None,
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, return_lse=False, out=None, lse=None,
                  window=None, soft_cap=None, stream=None):
     """One query token per request against its paged KV: q [batch, Hq, D] -> out [batch, Hq, D]
     (and LSE [batch, Hq] float32, natural log, with return_lse=True). See the module docstring."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention(q, k_cache, v_cache, block_table, seq_lens, None, out, lse, scale_, cap, window_, True,
                  resolve_stream(stream, (q,)))
     return _result(out, lse, return_lse)
 
 
 def paged_prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, causal=True, scale=None,
-                  return_lse=False, out=None, window=None, soft_cap=None, stream=None):
+                  return_lse=False, out=None, lse=None, window=None, soft_cap=None, stream=None):
     """Ragged new tokens q [total_q, Hq, D] (request b: q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], the last
     tokens of its seq_lens[b], already appended) attend to the cached prefix and, causally, to each
     other -> out [total_q, Hq, D] (and LSE [total_q, Hq]). causal=False lets every query see every key
     of its request."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, lse, scale_, cap, window_,
                  bool(causal), resolve_stream(stream, (q,)))
     return _result(out, lse, return_lse)
 
 
 def shared_prefix_decode(q, k_cache, v_cache, prefix_block_table, prefix_lens, group_indptr, block_table,
-                         seq_lens, *, scale=None, return_lse=False, out=None, window=None, soft_cap=None,
+                         seq_lens, *, scale=None, return_lse=False, out=None, lse=None, window=None, soft_cap=None,
                          stream=None):
     """Cascade decode: requests grouped by a shared prefix whose pages are listed once per group.
 
@@ -94,19 +98,19 @@ def shared_prefix_decode(q, k_cache, v_cache, prefix_block_table, prefix_lens, g
     request, and the two partial states are merged exactly. Equals paged_decode over prefix + suffix.
     """
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention(q, k_cache, v_cache, block_table, seq_lens, None, out, lse, scale_, cap, window_, True,
                  resolve_stream(stream, (q,)), prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)
 
 
 def shared_prefix_prefill(q, k_cache, v_cache, prefix_block_table, prefix_lens, group_indptr, block_table,
-                          seq_lens, cu_seqlens_q, *, causal=True, scale=None, return_lse=False, out=None,
+                          seq_lens, cu_seqlens_q, *, causal=True, scale=None, return_lse=False, out=None, lse=None,
                           window=None, soft_cap=None, stream=None):
     """Cascade prefill/extend: as shared_prefix_decode, with ragged queries (cu_seqlens_q) that are the
     last tokens of each request's suffix; they see the whole shared prefix and, causally, their suffix."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, lse, scale_, cap, window_,
                  bool(causal), resolve_stream(stream, (q,)), prefix_block_table, prefix_lens, group_indptr)
     return _result(out, lse, return_lse)

@@ -91,22 +91,22 @@ def dequantize_kv_int4(codes, params, *, block_size=None, signs=None, stream=Non
 
 
 def paged_decode_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, *, block_size=None, signs=None,
-                      scale=None, return_lse=False, out=None, window=None, soft_cap=None, stream=None):
+                      scale=None, return_lse=False, out=None, lse=None, window=None, soft_cap=None, stream=None):
     """paged_decode over INT4 pages (dequantized inside the kernel, q rotated, output rotated back).
     q [batch, Hq, D] bfloat16/float16 -> out [batch, Hq, D] (and LSE [batch, Hq] float32, natural log)."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, None, out, lse,
                       _block(block_size), signs, scale_, cap, window_, True, resolve_stream(stream, (q,)))
     return _result(out, lse, return_lse)
 
 
 def paged_prefill_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, *, causal=True,
-                       block_size=None, signs=None, scale=None, return_lse=False, out=None, window=None,
+                       block_size=None, signs=None, scale=None, return_lse=False, out=None, lse=None, window=None,
                        soft_cap=None, stream=None):
     """paged_prefill over INT4 pages, read directly (no bf16 copy of the cache is rebuilt)."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, out, lse,
                       _block(block_size), signs, scale_, cap, window_, bool(causal), resolve_stream(stream, (q,)))
     return _result(out, lse, return_lse)
@@ -114,10 +114,10 @@ def paged_prefill_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq
 
 def shared_prefix_decode_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens, group_indptr,
                               block_table, seq_lens, *, block_size=None, signs=None, scale=None, return_lse=False,
-                              out=None, window=None, soft_cap=None, stream=None):
+                              out=None, lse=None, window=None, soft_cap=None, stream=None):
     """shared_prefix_decode over INT4 pages."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, None, out, lse,
                       _block(block_size), signs, scale_, cap, window_, True, resolve_stream(stream, (q,)),
                       prefix_block_table, prefix_lens, group_indptr)
@@ -126,10 +126,10 @@ def shared_prefix_decode_int4(q, k_codes, k_params, v_codes, v_params, prefix_bl
 
 def shared_prefix_prefill_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens, group_indptr,
                                block_table, seq_lens, cu_seqlens_q, *, causal=True, block_size=None, signs=None,
-                               scale=None, return_lse=False, out=None, window=None, soft_cap=None, stream=None):
+                               scale=None, return_lse=False, out=None, lse=None, window=None, soft_cap=None, stream=None):
     """shared_prefix_prefill over INT4 pages."""
     scale_, window_, cap = _options(scale, window, soft_cap)
-    out, lse = _outputs(q, out, return_lse)
+    out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, out, lse,
                       _block(block_size), signs, scale_, cap, window_, bool(causal), resolve_stream(stream, (q,)),
                       prefix_block_table, prefix_lens, group_indptr)

@@ -1,12 +1,15 @@
-"""Shared fixtures: fresh random generators (seed printed on failure) and the `cuda` marker."""
+"""Shared fixtures: fresh random generators (seed printed on failure), the `cuda` marker, and `dev`:
+the device tests' executor, once on a real GPU (marked cuda) and once on the SIMT harness (simt)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import numpy as np
 import pytest
 
+import devices
 import kvcore
 
 
@@ -36,3 +39,19 @@ def rng(request) -> np.random.Generator:
     seed = secrets.randbits(32)
     print(f"{request.node.nodeid}: numpy seed {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("simt", marks=pytest.mark.simt)])
+def dev(request):
+    """The device under test: a GPU through torch (cuda) or the SIMT harness (simt)."""
+    if request.param == "simt":
+        try:
+            d = devices.make("simt")
+        except RuntimeError as e:
+            if os.environ.get("CI"):
+                pytest.fail(str(e))
+            pytest.skip(str(e))
+    else:
+        d = devices.make("cuda")
+    yield d
+    d.finish()

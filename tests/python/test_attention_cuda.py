@@ -1,7 +1,9 @@
-"""The attention family on CUDA: every op on torch CUDA tensors against kvcore's CPU backend (the
-same call on host copies, itself checked against the float64 reference in test_attention.py), with
-outputs poisoned (NaN) before each call; split-KV over long sequences, large shared-prefix groups,
-CUDA-graph capture and replay, debug-mode index reports and stream semantics."""
+"""The attention family on the device, run twice: on a real GPU (cuda) and on the SIMT harness
+(simt), which executes the same CUDA kernels on the CPU. Every op is compared with kvcore's CPU
+backend (the same call on host copies, itself checked against the float64 reference in
+test_attention.py), outputs poisoned (NaN) before each call; split-KV over long sequences, large
+shared-prefix groups, debug-mode index reports. CUDA-graph capture and stream semantics run on the
+GPU through torch, and on the harness through its emulated capture."""
 
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ from test_attention import (
     shared_case,
 )
 
-pytestmark = pytest.mark.cuda
-
 torch = pytest.importorskip("torch")
 
 # CPU and CUDA both accumulate in float32 and round the output once; the tensor-core prefill path
@@ -38,12 +38,8 @@ LSE_TOL = dict(atol=1e-3, rtol=1e-3)
 NAN = float("nan")
 
 
-def on_cuda(args: dict) -> dict:
-    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-
-
-def nan_like(x):
-    return torch.full(tuple(x.shape), NAN, dtype=x.dtype, device="cuda")
+def on_device(dev, args: dict) -> dict:
+    return {k: (dev.put(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
 def dtype_of(x) -> str:
@@ -51,7 +47,7 @@ def dtype_of(x) -> str:
 
 
 def assert_close(got, want, got_lse=None, want_lse=None):
-    """CUDA results (poisoned with NaN before the call, so a missed element fails) vs the CPU's."""
+    """Device results (poisoned with NaN before the call, so a missed element fails) vs the CPU's."""
     assert got.is_cuda
     g = to_numpy_f32(got)
     assert not np.isnan(g).any(), f"{np.isnan(g).sum()} output elements were never written"
@@ -63,27 +59,29 @@ def assert_close(got, want, got_lse=None, want_lse=None):
         np.testing.assert_allclose(gl, to_numpy_f32(want_lse), **LSE_TOL)
 
 
-def compare_paged(cpu_args: dict, gpu_args: dict | None = None, **options):
-    """Runs the op on the host arrays and on their CUDA copies (or the given CUDA arrays)."""
-    op = kvcore.paged_prefill if "cu_seqlens_q" in cpu_args else kvcore.paged_decode
-    want, want_lse = op(**cpu_args, return_lse=True, **options)
-    gpu_args = on_cuda(cpu_args) if gpu_args is None else gpu_args
-    out = nan_like(gpu_args["q"])
-    got, got_lse = op(**gpu_args, out=out, return_lse=True, **options)
-    torch.cuda.synchronize()
-    assert got is out
+def compare_paged(dev, cpu_args: dict, gpu_args: dict | None = None, **options):
+    """Runs the op on the host arrays and on their device copies (or the given device arrays)."""
+    name = "paged_prefill" if "cu_seqlens_q" in cpu_args else "paged_decode"
+    want, want_lse = getattr(kvcore, name)(**cpu_args, return_lse=True, **options)
+    gpu_args = on_device(dev, cpu_args) if gpu_args is None else gpu_args
+    out = dev.nan_like(gpu_args["q"])
+    lse = dev.full(tuple(want_lse.shape), NAN, torch.float32)
+    got, got_lse = getattr(dev.kv, name)(**gpu_args, out=out, lse=lse, return_lse=True, **options)
+    dev.sync()
+    assert got is out and got_lse is lse
     assert_close(got, want, got_lse, want_lse)
     return got, got_lse
 
 
-def compare_shared(cpu_args: dict, **options):
-    op = kvcore.shared_prefix_prefill if "cu_seqlens_q" in cpu_args else kvcore.shared_prefix_decode
-    want, want_lse = op(**cpu_args, return_lse=True, **options)
-    gpu_args = on_cuda(cpu_args)
-    out = nan_like(gpu_args["q"])
-    got, got_lse = op(**gpu_args, out=out, return_lse=True, **options)
-    torch.cuda.synchronize()
-    assert got is out
+def compare_shared(dev, cpu_args: dict, **options):
+    name = "shared_prefix_prefill" if "cu_seqlens_q" in cpu_args else "shared_prefix_decode"
+    want, want_lse = getattr(kvcore, name)(**cpu_args, return_lse=True, **options)
+    gpu_args = on_device(dev, cpu_args)
+    out = dev.nan_like(gpu_args["q"])
+    lse = dev.full(tuple(want_lse.shape), NAN, torch.float32)
+    got, got_lse = getattr(dev.kv, name)(**gpu_args, out=out, lse=lse, return_lse=True, **options)
+    dev.sync()
+    assert got is out and got_lse is lse
     assert_close(got, want, got_lse, want_lse)
 
 
@@ -94,28 +92,28 @@ def compare_shared(cpu_args: dict, **options):
 @pytest.mark.parametrize("heads", list(HEAD_CONFIGS))
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("mode", ["decode", "causal", "non_causal"])
-def test_paged_attention_cuda_equals_cpu(rng, mode, head_dim, heads, page_size, dtype):
+def test_paged_attention_cuda_equals_cpu(dev, rng, mode, head_dim, heads, page_size, dtype):
     hq, hkv = HEAD_CONFIGS[heads]
     max_len = page_size + 40 if page_size > 16 else 120
     args = paged_case(rng, dtype, batch=5, hq=hq, hkv=hkv, d=head_dim, page_size=page_size, max_len=max_len,
                       decode=mode == "decode")
     options = {} if mode == "decode" else dict(causal=mode == "causal")
-    compare_paged(args, **options)
+    compare_paged(dev, args, **options)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 @pytest.mark.parametrize("mode", ["decode", "causal", "non_causal"])
-def test_paged_attention_cuda_options(rng, mode, options, dtype):
+def test_paged_attention_cuda_options(dev, rng, mode, options, dtype):
     opts = dict(OPTION_SETS[options])
     if mode != "decode":
         opts["causal"] = mode == "causal"
     args = paged_case(rng, dtype, batch=6, hq=16, hkv=2, d=128, page_size=16, max_len=300, decode=mode == "decode")
-    compare_paged(args, **opts)
+    compare_paged(dev, args, **opts)
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_paged_attention_cuda_strided_layouts(rng, mode):
+def test_paged_attention_cuda_strided_layouts(dev, rng, mode):
     """On the device: K/V as halves of a [P, 2, S, H, D] buffer, q a slice of a fused QKV tensor,
     a block table that is a column slice of every other row of a wider table, and a strided out."""
     hq, hkv, d, page_size = 8, 2, 128, 16
@@ -128,26 +126,26 @@ def test_paged_attention_cuda_strided_layouts(rng, mode):
     wide[::2, :table.shape[1]] = torch.from_numpy(table)
     cpu = dict(q=qkv[:, :hq], k_cache=buf[:, 0], v_cache=buf[:, 1], block_table=torch.from_numpy(table),
                seq_lens=torch.from_numpy(seq_lens))
-    gbuf, gqkv, gwide = buf.cuda(), qkv.cuda(), wide.cuda()
+    gbuf, gqkv, gwide = dev.put(buf), dev.put(qkv), dev.put(wide)
     gpu = dict(q=gqkv[:, :hq], k_cache=gbuf[:, 0], v_cache=gbuf[:, 1], block_table=gwide[::2, :table.shape[1]],
-               seq_lens=torch.from_numpy(seq_lens).cuda())
+               seq_lens=dev.put(torch.from_numpy(seq_lens)))
     if mode == "prefill":
         cpu["cu_seqlens_q"] = torch.from_numpy(cu_of(q_lens))
-        gpu["cu_seqlens_q"] = cpu["cu_seqlens_q"].cuda()
-    compare_paged(cpu, gpu, window=64, soft_cap=8.0)
+        gpu["cu_seqlens_q"] = dev.put(cpu["cu_seqlens_q"])
+    compare_paged(dev, cpu, gpu, window=64, soft_cap=8.0)
 
-    op = kvcore.paged_prefill if mode == "prefill" else kvcore.paged_decode
-    big = torch.full((gqkv.shape[0], 2 * hq, d), NAN, dtype=torch.bfloat16, device="cuda")
-    op(**gpu, out=big[:, 1::2])
-    want = op(**cpu)
-    torch.cuda.synchronize()
+    name = "paged_prefill" if mode == "prefill" else "paged_decode"
+    big = dev.full((gqkv.shape[0], 2 * hq, d), NAN, torch.bfloat16)
+    getattr(dev.kv, name)(**gpu, out=big[:, 1::2])
+    want = getattr(kvcore, name)(**cpu)
+    dev.sync()
     assert_close(big[:, 1::2], want)
     assert torch.isnan(big[:, 0::2].float()).all()
 
 
 @pytest.mark.parametrize("table", ["none", "slots"])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_virtual_layout_cuda(rng, mode, table):
+def test_virtual_layout_cuda(dev, rng, mode, table):
     max_seqs, max_tokens, hq, hkv, d, batch = 8, 700, 8, 1, 256, 6
     k_cache = random_array(rng, (max_seqs, max_tokens, hkv, d), "float16", "torch")
     v_cache = random_array(rng, (max_seqs, max_tokens, hkv, d), "float16", "torch")
@@ -162,10 +160,10 @@ def test_virtual_layout_cuda(rng, mode, table):
         q_lens = ragged_q_lens(rng, seq_lens)
         args["q"] = random_array(rng, (int(q_lens.sum()), hq, d), "float16", "torch")
         args["cu_seqlens_q"] = torch.from_numpy(cu_of(q_lens))
-    compare_paged(args, window=500)
+    compare_paged(dev, args, window=500)
 
 
-def test_extend_with_empty_and_long_query_ranges_cuda(rng):
+def test_extend_with_empty_and_long_query_ranges_cuda(dev, rng):
     """Extend batches: a request without queries, a whole-sequence prefill, single queries."""
     seq_lens = np.array([300, 5, 1, 1000, 64, 77], np.int32)
     q_lens = np.array([40, 0, 1, 1000, 1, 77], np.int32)
@@ -173,15 +171,17 @@ def test_extend_with_empty_and_long_query_ranges_cuda(rng):
         hq, hkv = HEAD_CONFIGS[heads]
         args = paged_case(rng, "bfloat16", hq=hq, hkv=hkv, d=128, page_size=16, decode=False, seq_lens=seq_lens,
                           q_lens=q_lens)
-        compare_paged(args)
+        compare_paged(dev, args)
 
 
-def test_empty_batch_cuda(rng):
-    k_cache = random_array(rng, (4, 8, 2, 64), "bfloat16", "torch").cuda()
-    out, lse = kvcore.paged_decode(torch.zeros((0, 4, 64), dtype=torch.bfloat16, device="cuda"), k_cache, k_cache,
-                                   torch.zeros((0, 2), dtype=torch.int32, device="cuda"),
-                                   torch.zeros(0, dtype=torch.int32, device="cuda"), return_lse=True)
-    torch.cuda.synchronize()
+def test_empty_batch_cuda(dev, rng):
+    k_cache = dev.put(random_array(rng, (4, 8, 2, 64), "bfloat16", "torch"))
+    out, lse = dev.kv.paged_decode(dev.put(torch.zeros((0, 4, 64), dtype=torch.bfloat16)), k_cache, k_cache,
+                                   dev.put(torch.zeros((0, 2), dtype=torch.int32)),
+                                   dev.put(torch.zeros(0, dtype=torch.int32)), return_lse=True,
+                                   out=dev.put(torch.zeros((0, 4, 64), dtype=torch.bfloat16)),
+                                   lse=dev.put(torch.zeros((0, 4), dtype=torch.float32)))
+    dev.sync()
     assert tuple(out.shape) == (0, 4, 64) and tuple(lse.shape) == (0, 4)
 
 
@@ -190,47 +190,47 @@ def test_empty_batch_cuda(rng):
 @pytest.mark.parametrize("options", [{}, dict(window=5000, soft_cap=20.0), dict(scale=0.02)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_split_kv_long_sequence(rng, mode, dtype, options):
+def test_split_kv_long_sequence(dev, rng, mode, dtype, options):
     """16K keys at batch 1: few CTAs, so the keys are split across many CTAs and merged."""
     seq_lens = np.array([16384], np.int32)
     q_lens = np.array([48], np.int32) if mode == "prefill" else None
     args = paged_case(rng, dtype, hq=16, hkv=2, d=128, page_size=16, decode=mode == "decode", seq_lens=seq_lens,
                       q_lens=q_lens)
-    compare_paged(args, **options)
+    compare_paged(dev, args, **options)
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_split_kv_with_ragged_lengths(rng, mode):
+def test_split_kv_with_ragged_lengths(dev, rng, mode):
     """Splits are sized for the longest possible sequence: short requests get empty splits."""
     seq_lens = np.array([16000, 1, 777, 3], np.int32)
     q_lens = np.array([20, 1, 100, 3], np.int32) if mode == "prefill" else None
     args = paged_case(rng, "bfloat16", hq=8, hkv=8, d=64, page_size=32, decode=mode == "decode", seq_lens=seq_lens,
                       q_lens=q_lens)
-    compare_paged(args, window=2000)
-    compare_paged(args)
+    compare_paged(dev, args, window=2000)
+    compare_paged(dev, args)
 
 
 # --- merge_states ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_merge_states_cuda_equals_cpu(rng, dtype):
+def test_merge_states_cuda_equals_cpu(dev, rng, dtype):
     o_a, lse_a = random_states(rng, 300, 8, 128, dtype, "torch")
     o_b, lse_b = random_states(rng, 300, 8, 128, dtype, "torch")
     lse_a[:3] = -np.inf
     lse_b[:3] = -np.inf
     want, want_lse = kvcore.merge_states(o_a, lse_a, o_b, lse_b)
-    ga, gla, gb, glb = o_a.cuda(), lse_a.cuda(), o_b.cuda(), lse_b.cuda()
-    out, lse_out = nan_like(ga), nan_like(gla)
-    got, got_lse = kvcore.merge_states(ga, gla, gb, glb, out=out, lse_out=lse_out)
-    torch.cuda.synchronize()
+    ga, gla, gb, glb = dev.put(o_a), dev.put(lse_a), dev.put(o_b), dev.put(lse_b)
+    out, lse_out = dev.nan_like(ga), dev.nan_like(gla)
+    got, got_lse = dev.kv.merge_states(ga, gla, gb, glb, out=out, lse_out=lse_out)
+    dev.sync()
     assert got is out and got_lse is lse_out
     g = to_numpy_f32(got)
     assert not np.isnan(g).any()
     np.testing.assert_allclose(g, to_numpy_f32(want), **TOL[dtype])
-    np.testing.assert_allclose(got_lse.cpu().numpy(), want_lse.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dev.host(got_lse).numpy(), want_lse.numpy(), rtol=1e-6, atol=1e-6)
     # out may alias o_a
-    got, _ = kvcore.merge_states(ga, gla, gb, glb, out=ga)
-    torch.cuda.synchronize()
+    got, _ = dev.kv.merge_states(ga, gla, gb, glb, out=ga, lse_out=dev.nan_like(gla))
+    dev.sync()
     assert got is ga
     np.testing.assert_allclose(to_numpy_f32(ga), to_numpy_f32(want), **TOL[dtype])
 
@@ -242,7 +242,7 @@ def test_merge_states_cuda_equals_cpu(rng, dtype):
 @pytest.mark.parametrize("heads,head_dim,page_size", [("gqa4", 64, 7), ("mha", 128, 1), ("mqa", 256, 16),
                                                       ("gqa8", 128, 4)])
 @pytest.mark.parametrize("mode", ["decode", "causal", "non_causal"])
-def test_shared_prefix_cuda_equals_cpu(rng, mode, heads, head_dim, page_size, options, dtype):
+def test_shared_prefix_cuda_equals_cpu(dev, rng, mode, heads, head_dim, page_size, options, dtype):
     hq, hkv = HEAD_CONFIGS[heads]
     opts = dict(SHARED_OPTIONS[options])
     if mode != "decode":
@@ -251,22 +251,23 @@ def test_shared_prefix_cuda_equals_cpu(rng, mode, heads, head_dim, page_size, op
     prefix_lens = [int(rng.integers(1, 400)), 0, int(rng.integers(0, 10)), int(rng.integers(1, 400)), 17]
     args = shared_case(rng, dtype, group_sizes=group_sizes, prefix_lens=prefix_lens, decode=mode == "decode",
                        hq=hq, hkv=hkv, d=head_dim, page_size=page_size, max_suffix=60)
-    compare_shared(args, **opts)
+    compare_shared(dev, args, **opts)
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_shared_prefix_cuda_large_groups(rng, mode):
+def test_shared_prefix_cuda_large_groups(dev, rng, mode):
     """64 requests sharing a 4K-token prefix, next to a smaller group and one without a prefix."""
     suffix_lens = ragged_seq_lens(rng, 70, 40)
     q_lens = np.minimum(suffix_lens, rng.integers(1, 5, 70)).astype(np.int32) if mode == "prefill" else None
     args = shared_case(rng, "bfloat16", group_sizes=[64, 5, 1], prefix_lens=[4096, 1000, 0], suffix_lens=suffix_lens,
                        q_lens=q_lens, decode=mode == "decode", hq=16, hkv=2, d=128, page_size=16)
-    compare_shared(args)
-    compare_shared(args, window=2048)
+    compare_shared(dev, args)
+    compare_shared(dev, args, window=2048)
 
 
 # --- CUDA graphs, debug checks, streams --------------------------------------------------------------
 
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay_of_paged_decode(rng):
     """Captured once on a side stream; replays read the new seq_lens and q contents in place."""
     batch, hq, hkv, d, page_size, capacity = 8, 16, 2, 128, 16, 2048
@@ -276,7 +277,7 @@ def test_cuda_graph_capture_and_replay_of_paged_decode(rng):
     gk, gv, gtable = k_cache.cuda(), v_cache.cuda(), torch.from_numpy(table).cuda()
     gq = random_array(rng, (batch, hq, d), "bfloat16", "torch").cuda()
     glens = torch.from_numpy(ragged_seq_lens(rng, batch, capacity)).cuda()
-    out = nan_like(gq)
+    out = torch.full_like(gq, NAN)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -302,51 +303,53 @@ def test_cuda_graph_capture_and_replay_of_paged_decode(rng):
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_debug_checks_report_bad_block_table_entries(rng, mode):
+def test_debug_checks_report_bad_block_table_entries(dev, rng, mode):
     page_size = 8
     seq_lens = np.array([20, 30, 9], np.int32)
     args = paged_case(rng, "bfloat16", hq=8, hkv=2, d=64, page_size=page_size, decode=mode == "decode",
                       seq_lens=seq_lens)
     num_pages = args["k_cache"].shape[0]
-    gpu = on_cuda(args)
+    gpu = on_device(dev, args)
     gpu["block_table"][2, 1] = num_pages + 90  # request 2's keys 8.. live on logical page 1
-    kvcore.set_debug_checks(True)
+    op = getattr(dev.kv, "paged_prefill" if mode == "prefill" else "paged_decode")
+    out = dev.nan_like(gpu["q"])
+    dev.kv.set_debug_checks(True)
     try:
         with pytest.raises(IndexError, match=rf"block_table\[1\] = {num_pages + 90} is out of range \[0, {num_pages}\)"):
-            (kvcore.paged_prefill if mode == "prefill" else kvcore.paged_decode)(**gpu)
+            op(**gpu, out=out)
         bad_lens = gpu["seq_lens"].clone()
         bad_lens[1] = args["block_table"].shape[1] * page_size + 1
         with pytest.raises(IndexError, match=r"seq_lens\[1\] = "):
-            (kvcore.paged_prefill if mode == "prefill" else kvcore.paged_decode)(**dict(on_cuda(args),
-                                                                                        seq_lens=bad_lens))
-        compare_paged(args)  # the report was cleared: a good call passes
+            op(**dict(on_device(dev, args), seq_lens=bad_lens), out=out)
+        compare_paged(dev, args)  # the report was cleared: a good call passes
     finally:
-        kvcore.set_debug_checks(False)
+        dev.kv.set_debug_checks(False)
     # Without debug checks the bad page is skipped silently; the other requests are unaffected.
-    got = (kvcore.paged_prefill if mode == "prefill" else kvcore.paged_decode)(**gpu)
-    want = (kvcore.paged_prefill if mode == "prefill" else kvcore.paged_decode)(**args)
-    torch.cuda.synchronize()
+    got = op(**gpu, out=dev.nan_like(gpu["q"]))
+    want = getattr(kvcore, "paged_prefill" if mode == "prefill" else "paged_decode")(**args)
+    dev.sync()
     rows = slice(0, 2) if mode == "decode" else slice(0, int(args["cu_seqlens_q"][2]))
     assert_close(got[rows], want[rows])
 
 
-def test_debug_checks_shared_prefix(rng):
+def test_debug_checks_shared_prefix(dev, rng):
     args = shared_case(rng, "float16", group_sizes=[2, 2], prefix_lens=[40, 12], decode=True, hq=4, hkv=2, d=128,
                        page_size=8)
-    gpu = on_cuda(args)
+    gpu = on_device(dev, args)
     gpu["prefix_block_table"][0, 2] = -5
-    kvcore.set_debug_checks(True)
+    dev.kv.set_debug_checks(True)
     try:
         with pytest.raises(IndexError, match="= -5 is out of range"):
-            kvcore.shared_prefix_decode(**gpu)
+            dev.kv.shared_prefix_decode(**gpu, out=dev.nan_like(gpu["q"]))
     finally:
-        kvcore.set_debug_checks(False)
+        dev.kv.set_debug_checks(False)
 
 
+@pytest.mark.cuda
 def test_ops_run_on_the_given_stream(rng):
     """q is rewritten on a side stream after a delay; an op enqueued on that stream sees the new q."""
     args = paged_case(rng, "bfloat16", batch=8, hq=8, hkv=2, d=128, page_size=16, max_len=500, decode=True)
-    gpu = on_cuda(args)
+    gpu = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     new_q = random_array(rng, tuple(args["q"].shape), "bfloat16", "torch")
     want = kvcore.paged_decode(**dict(args, q=new_q))
     gnew = new_q.cuda()
@@ -354,7 +357,7 @@ def test_ops_run_on_the_given_stream(rng):
     stream = torch.cuda.Stream()
     for how in ("argument", "handle", "current"):
         gq = gpu["q"].clone()
-        out = nan_like(gq)
+        out = torch.full_like(gq, NAN)
         torch.cuda.synchronize()
         with torch.cuda.stream(stream):
             torch.cuda._sleep(20_000_000)
@@ -370,19 +373,19 @@ def test_ops_run_on_the_given_stream(rng):
         assert_close(out, want)
 
 
-def test_misaligned_pages_are_rejected_on_cuda(rng):
+def test_misaligned_pages_are_rejected_on_cuda(dev, rng):
     """CUDA reads K/V rows with vector loads: an odd element offset is refused, not misread."""
-    flat = random_array(rng, (4 * 8 * 2 * 128 + 1,), "float16", "torch").cuda()
+    flat = dev.put(random_array(rng, (4 * 8 * 2 * 128 + 1,), "float16", "torch"))
     cache = flat[1:].view(4, 8, 2, 128)
-    q = random_array(rng, (2, 4, 128), "float16", "torch").cuda()
+    q = dev.put(random_array(rng, (2, 4, 128), "float16", "torch"))
     with pytest.raises(ValueError, match="k_cache"):
-        kvcore.paged_decode(q, cache, cache, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda"),
-                            torch.tensor([9, 16], dtype=torch.int32, device="cuda"))
+        dev.kv.paged_decode(q, cache, cache, dev.put(torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
+                            dev.put(torch.tensor([9, 16], dtype=torch.int32)), out=dev.nan_like(q))
 
 
-def test_mixed_devices_rejected(rng):
-    args = on_cuda(paged_case(rng, "bfloat16", decode=True))
+def test_mixed_devices_rejected(dev, rng):
+    args = on_device(dev, paged_case(rng, "bfloat16", decode=True))
     with pytest.raises(ValueError, match="seq_lens is on cpu"):
-        kvcore.paged_decode(**dict(args, seq_lens=args["seq_lens"].cpu()))
+        dev.kv.paged_decode(**dict(args, seq_lens=dev.host(args["seq_lens"])), out=dev.nan_like(args["q"]))
     with pytest.raises(ValueError, match="block_table is on cpu"):
-        kvcore.paged_decode(**dict(args, block_table=args["block_table"].cpu()))
+        dev.kv.paged_decode(**dict(args, block_table=dev.host(args["block_table"])), out=dev.nan_like(args["q"]))
