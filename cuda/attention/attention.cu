@@ -33,6 +33,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 8;         // query rows per CTA
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kMaxSplits = 64;
+// Argument positions in the names raise_device_errors reports.
+constexpr int kBlockTableArg = 1;
+constexpr int kPrefixBlockTableArg = 2;
 
 // A query row of a CTA: which token and head it is, and the query position.
 struct Row {
@@ -128,7 +131,7 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
   for (int64_t j = begin + warp; j < end; j += kWarps) {
     const int64_t page = pages ? pages[j / page_size] : page0;
     if (page < 0 || page >= a.kv.num_pages) {  // a bad block-table entry: skip, report in debug mode
-      if (lane == 0) report_index_error(report, 1, j / page_size, page, a.kv.num_pages);
+      if (lane == 0) report_index_error(report, kBlockTableArg, j / page_size, page, a.kv.num_pages);
       continue;
     }
     const int64_t kv_row = (j % page_size) * p.num_kv_heads + kv_head;
@@ -248,8 +251,10 @@ __global__ void build_tiles_kernel(const int32_t* cu_seqlens_q, int batch, int t
   tile_offsets[batch] = total;
 }
 
-// Which request and query tokens a tile covers (decode: tile = request). Tiles past the last one,
-// and requests whose length exceeds their block table, are skipped (reported in debug mode).
+// Which request and query tokens a tile covers (decode: tile = request). Tiles past the last one
+// are skipped. A request whose length exceeds its block table (reported in debug mode) attends to
+// no keys: its rows still get an empty state (output 0, LSE -inf), so no split partial or output
+// row is left unwritten.
 struct TileRequest {
   int skip, b, first, q_len, t0, seq;
 };
@@ -270,10 +275,10 @@ __device__ TileRequest locate_tile(const AttentionArgs& a, const int32_t* tile_o
     r.t0 = (tile - tile_offsets[lo]) * tokens_per_tile;
   }
   r.seq = a.seq_lens[r.b];
-  const int capacity = int(a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size);
+  const int64_t capacity = a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size;
   if (r.seq > capacity || r.seq < 1) {  // never read past the block table
     report_index_error(report, 0, r.b, r.seq, capacity + 1);
-    r.skip = 1;
+    r.seq = 0;
   }
   return r;
 }
@@ -287,6 +292,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
   KVCORE_SHARED(int, s_nrows, );
   KVCORE_SHARED(int, s_b, );
   KVCORE_SHARED(int, s_skip, );
+  KVCORE_SHARED(int, s_seq, );
   const int kv_head = blockIdx.y / shape.head_chunks, chunk = blockIdx.y % shape.head_chunks;
   const int group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
@@ -302,13 +308,14 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
           rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h0 + h, tr.seq - tr.q_len + tr.t0 + t};
       s_nrows = n;
       s_b = tr.b;
+      s_seq = tr.seq;
     }
   }
   __syncthreads();
   if (s_skip || s_nrows == 0) return;
   const int b = s_b;
   const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
-  attend_rows<D>(a, pages, b, a.seq_lens[b], 0, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
+  attend_rows<D>(a, pages, b, s_seq, 0, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
 }
 
 // Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
@@ -321,6 +328,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
   KVCORE_SHARED(int, s_nrows, );
   KVCORE_SHARED(int, s_b, );
   KVCORE_SHARED(int, s_skip, );
+  KVCORE_SHARED(int, s_seq, );
   const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
     const TileRequest tr = locate_tile(a, tile_offsets, tokens_per_tile, blockIdx.x, report);
@@ -333,13 +341,15 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
           rows[n++] = tc::RowSlot{tr.first + tr.t0 + t, kv_head * group + h, tr.seq - tr.q_len + tr.t0 + t};
       s_nrows = n;
       s_b = tr.b;
+      s_seq = tr.seq;
     }
   }
   __syncthreads();
   if (s_skip || s_nrows == 0) return;
   const int b = s_b;
   const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
-  tc::attend_rows_tc<D, T>(a, pages, b, a.seq_lens[b], kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
+  tc::attend_rows_tc<D, T>(a, pages, b, s_seq, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report,
+                           kBlockTableArg);
 }
 
 // Tensor-core prefix pass of shared-prefix attention: a group's queries stacked into 64-row tiles
@@ -377,7 +387,8 @@ __global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArg
   }
   __syncthreads();
   const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
-  tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows, s_nrows, split, splits, part, report);
+  tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows, s_nrows, split, splits, part, report,
+                           kPrefixBlockTableArg);
 }
 
 // out[t, h] = the LSE-weighted combination of `sources` float partial states, in source order.
@@ -620,7 +631,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part);
   launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, sources);
   KVCORE_CUDA_CHECK_LAUNCH();
-  raise_device_errors(stream, "shared_prefix attention", {"seq_lens", "block_table"});
+  raise_device_errors(stream, "shared_prefix attention", {"seq_lens", "block_table", "prefix_block_table"});
 }
 
 void merge_states_cuda(const MergeStatesArgs& m, StreamHandle stream_handle) {

@@ -62,14 +62,16 @@ __device__ __forceinline__ uint4 dequantize8(const uint8_t* codes, const uint16_
 }
 
 // rows[0..nrows) (nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split of
-// the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype.
+// the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype. A bad page entry
+// is reported as argument `table_arg` and its keys are masked out, as decode skips them.
 template <int D, typename T>
 __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
                                int kv_head, const RowSlot* rows, int nrows, int split, int num_splits,
-                               TcPartials part, DeviceErrorReport* report) {
+                               TcPartials part, DeviceErrorReport* report, int table_arg) {
   using TileT = Tile<D>;
   constexpr int N = TileT::kKeys;
   KVCORE_DYNAMIC_SHARED(unsigned char, smem, 128);
+  KVCORE_SHARED(bool, key_ok, [N]);  // whether key k0 + kk of the current tile is on a valid page
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = reinterpret_cast<T*>(smem + TileT::kQ);
   T* vs = reinterpret_cast<T*>(smem + TileT::kQ + TileT::kK);
@@ -126,27 +128,30 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   const auto* vbase = static_cast<const uint16_t*>(a.kv.v);
   constexpr int kVec = 8;  // 16-bit values per 16-byte load
   for (int k0 = begin; k0 < end; k0 += N) {
-    // K and V tiles; keys past `end` or on a bad page are zero and masked below.
+    // K and V tiles; keys past `end` or on a bad page are zero and masked below (key_ok).
     for (int i = threadIdx.x; i < N * (D / kVec); i += kThreads) {
       const int kk = i / (D / kVec), c = (i % (D / kVec)) * kVec;
       const int j = k0 + kk;
       uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+      bool ok = false;
       if (j < end) {
         const int64_t page = pages ? pages[j / a.kv.page_size] : page0;
-        if (page >= 0 && page < a.kv.num_pages && a.kv.int4) {
+        ok = page >= 0 && page < a.kv.num_pages;
+        if (ok && a.kv.int4) {
           const int64_t row = (j % a.kv.page_size) * p.num_kv_heads + kv_head;
           kv4 = dequantize8(a.kv.k_codes + page * a.kv.k_codes_page_stride + row * (D / 2) + c / 2,
                             a.kv.k_params + page * a.kv.k_params_page_stride + row * 2, bf16);
           vv4 = dequantize8(a.kv.v_codes + page * a.kv.v_codes_page_stride + row * (D / 2) + c / 2,
                             a.kv.v_params + page * a.kv.v_params_page_stride + row * 2, bf16);
-        } else if (page >= 0 && page < a.kv.num_pages) {
+        } else if (ok) {
           const int64_t off = ((j % a.kv.page_size) * p.num_kv_heads + kv_head) * D + c;
           kv4 = *reinterpret_cast<const uint4*>(kbase + page * a.kv.k_page_stride + off);
           vv4 = *reinterpret_cast<const uint4*>(vbase + page * a.kv.v_page_stride + off);
         } else if (c == 0) {
-          report_index_error(report, 1, j / a.kv.page_size, page, a.kv.num_pages);
+          report_index_error(report, table_arg, j / a.kv.page_size, page, a.kv.num_pages);
         }
       }
+      if (c == 0) key_ok[kk] = ok;
       *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(ks) + kk * D + c) = kv4;
       *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(vs) + kk * D + c) = vv4;
     }
@@ -179,7 +184,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       for (int c = 0; c < N / 32; ++c) {
         const int col = lane + 32 * c, j = k0 + col;
         float s = -INFINITY;
-        if (valid && j < end && key_visible(j, rows[r].position, p.causal, p.window))
+        if (valid && j < end && key_ok[col] && key_visible(j, rows[r].position, p.causal, p.window))
           s = cap_logit(ss[r * N + col] * p.scale, p.soft_cap);
         s_local[c] = s;
         mx = fmaxf(mx, s);

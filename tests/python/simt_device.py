@@ -14,7 +14,7 @@ import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "build" / "simt"
+BUILD = Path(os.environ.get("KVCORE_SIMT_BUILD", ROOT / "build" / "simt"))  # override: a private build
 STAGE = BUILD / "stage"
 KDL_CUDA = 2
 

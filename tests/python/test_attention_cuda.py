@@ -389,3 +389,76 @@ def test_mixed_devices_rejected(dev, rng):
         dev.kv.paged_decode(**dict(args, seq_lens=dev.host(args["seq_lens"])), out=dev.nan_like(args["q"]))
     with pytest.raises(ValueError, match="block_table is on cpu"):
         dev.kv.paged_decode(**dict(args, block_table=dev.host(args["block_table"])), out=dev.nan_like(args["q"]))
+
+
+# --- regressions the SIMT harness exposed ----------------------------------------------------------
+
+def test_prefill_masks_keys_on_bad_pages_like_decode(dev, rng):
+    """Without debug checks a bad block-table entry drops its page's keys: prefill (tensor cores) once
+    zero-filled them and still counted exp(0 - m) in the denominator; both paths now agree."""
+    seq_lens = np.array([70, 45, 130], np.int32)
+    args = paged_case(rng, "float16", hq=8, hkv=2, d=128, page_size=16, decode=True, seq_lens=seq_lens)
+    num_pages = args["k_cache"].shape[0]
+    gpu = on_device(dev, args)
+    gpu["block_table"][0, 1] = num_pages + 7
+    gpu["block_table"][2, 3] = -1
+    dec, dec_lse = dev.kv.paged_decode(**gpu, out=dev.nan_like(gpu["q"]),
+                                       lse=dev.full((3, 8), NAN, torch.float32))
+    one_each = dev.put(torch.arange(4, dtype=torch.int32))  # one query per request: its last token
+    pre, pre_lse = dev.kv.paged_prefill(**gpu, cu_seqlens_q=one_each, out=dev.nan_like(gpu["q"]),
+                                        lse=dev.full((3, 8), NAN, torch.float32))
+    dev.sync()
+    assert_close(pre, dev.host(dec), pre_lse, dev.host(dec_lse))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_request_longer_than_its_table_gets_an_empty_state(dev, rng, mode):
+    """A seq_len past the block table (no debug checks) attends to nothing: output 0, LSE -inf,
+    even with split-KV (its partial states used to stay unwritten and the merge read garbage)."""
+    seq_lens = np.array([3000, 40, 900], np.int32)
+    q_lens = np.array([5, 3, 7], np.int32) if mode == "prefill" else None
+    args = paged_case(rng, "bfloat16", hq=4, hkv=2, d=64, page_size=16, decode=mode == "decode",
+                      seq_lens=seq_lens, q_lens=q_lens)
+    gpu = on_device(dev, args)
+    bad = gpu["seq_lens"].clone()
+    bad[1] = args["block_table"].shape[1] * 16 + 5
+    name = "paged_prefill" if mode == "prefill" else "paged_decode"
+    tokens = args["q"].shape[0]
+    got, got_lse = getattr(dev.kv, name)(**dict(gpu, seq_lens=bad), out=dev.nan_like(gpu["q"]),
+                                         lse=dev.full((tokens, 4), NAN, torch.float32))
+    dev.sync()
+    rows = [1] if mode == "decode" else list(range(5, 8))  # request 1's query rows
+    g, gl = to_numpy_f32(got), to_numpy_f32(got_lse)
+    assert (g[rows] == 0).all() and np.isneginf(gl[rows]).all()
+    for b in (0, 2):  # the others are unaffected
+        sub = {k: v for k, v in args.items()}
+        sub["block_table"], sub["seq_lens"] = args["block_table"][b:b + 1], args["seq_lens"][b:b + 1]
+        if mode == "prefill":
+            q0, q1 = int(args["cu_seqlens_q"][b]), int(args["cu_seqlens_q"][b + 1])
+            sub["q"], sub["cu_seqlens_q"] = args["q"][q0:q1], torch.tensor([0, q1 - q0], dtype=torch.int32)
+        else:
+            q0, q1 = b, b + 1
+            sub["q"] = args["q"][b:b + 1]
+        want, want_lse = getattr(kvcore, name)(**sub, return_lse=True)
+        np.testing.assert_allclose(g[q0:q1], to_numpy_f32(want), **TOL["bfloat16"])
+        np.testing.assert_allclose(gl[q0:q1], to_numpy_f32(want_lse), **LSE_TOL)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_table_capacity_beyond_int32(dev, rng, mode):
+    """max_pages * page_size = 2^32 keys of table capacity: once narrowed to int (0), which dropped
+    every request as too long."""
+    page_size, max_pages = 4096, 1 << 20
+    k_cache = random_array(rng, (3, page_size, 1, 64), "float16", "torch")
+    v_cache = random_array(rng, (3, page_size, 1, 64), "float16", "torch")
+    table = torch.zeros((2, max_pages), dtype=torch.int32)
+    table[0, :2] = torch.tensor([2, 0])
+    table[1, :1] = 1
+    seq_lens = torch.tensor([5000, 300], dtype=torch.int32)
+    args = dict(k_cache=k_cache, v_cache=v_cache, block_table=table, seq_lens=seq_lens)
+    if mode == "decode":
+        args["q"] = random_array(rng, (2, 4, 64), "float16", "torch")
+    else:
+        args["q"] = random_array(rng, (6, 4, 64), "float16", "torch")
+        args["cu_seqlens_q"] = torch.tensor([0, 4, 6], dtype=torch.int32)
+    compare_paged(dev, args)

@@ -323,7 +323,9 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   trace("cudaMallocAsync", 0, uintptr_t(stream), bytes);
   *p = aligned(bytes);
   if (!*p) return set_error(cudaErrorMemoryAllocation);
-  std::memset(*p, 0xff, bytes);  // stream-ordered memory starts as garbage
+  // Stream-ordered memory starts as garbage, and finite garbage (0x5a5a5a5a is 1.5e16 as a float):
+  // NaN would slip through fmaxf-based merges unnoticed.
+  std::memset(*p, 0x5a, bytes);
   std::lock_guard<std::recursive_mutex> lock(g_mu);
   g_regions[uintptr_t(*p)] = Region{bytes, MemoryKind::Device, true};
   return cudaSuccess;

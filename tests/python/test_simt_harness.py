@@ -1,0 +1,94 @@
+"""The SIMT harness itself: its warp and tensor-core emulation computes what the CUDA documentation
+says (checked against numpy), and deliberately broken kernels (a dropped __syncthreads or
+__syncwarp, a shifted index, a barrier or shuffle some threads never reach) are reported with the
+check, the thread and the source line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.simt
+
+
+@pytest.fixture(scope="module")
+def ctl():
+    import os
+
+    import simt_device
+
+    try:
+        simt_device.build()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    return simt_device.control()
+
+
+def fresh(rng, n=512) -> np.ndarray:
+    return (rng.standard_normal(n) + 0.25).astype(np.float32)
+
+
+def test_block_sum(ctl, rng):
+    x = fresh(rng)
+    got = ctl.selftest("block_sum", x.tolist())
+    np.testing.assert_allclose(got[0], x[:128].astype(np.float64).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_warp_shuffles_and_ballot(ctl, rng):
+    x = fresh(rng)[:128]
+    got = np.array(ctl.selftest("warp_ops", x.tolist())).reshape(128, 5)
+    lane = np.arange(128) % 32
+    base = np.arange(128) - lane
+    np.testing.assert_allclose(got[:, 0], np.repeat(x.reshape(4, 32).astype(np.float64).sum(1), 32), rtol=1e-5)
+    np.testing.assert_array_equal(got[:, 1], np.where(lane >= 1, x[np.maximum(np.arange(128) - 1, 0)], x))
+    np.testing.assert_array_equal(got[:, 2], np.where(lane + 3 < 32, x[np.minimum(np.arange(128) + 3, 127)], x))
+    np.testing.assert_array_equal(got[:, 3], x[base + 5])
+    np.testing.assert_array_equal(got[:, 4], np.repeat((x.reshape(4, 32) > 0).sum(1), 32))
+
+
+def test_warp_exchange_with_syncwarp(ctl, rng):
+    x = fresh(rng)[:128]
+    got = np.array(ctl.selftest("warp_exchange", x.tolist()))
+    np.testing.assert_array_equal(got, x.reshape(4, 32)[:, ::-1].reshape(-1))
+
+
+def test_wmma_matches_a_float64_product(ctl, rng):
+    """C = A B + 0.5 with A row-major and B column-major in memory (inputs rounded to float16)."""
+    x = fresh(rng)
+    a = x[:256].astype(np.float16).astype(np.float64).reshape(16, 16)
+    b = x[256:512].astype(np.float16).astype(np.float64).reshape(16, 16).T  # col-major storage
+    got = np.array(ctl.selftest("wmma_gemm", x.tolist())).reshape(16, 16)
+    np.testing.assert_allclose(got, a @ b + 0.5, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_atomics_are_not_races(ctl, rng):
+    x = fresh(rng)
+    assert ctl.selftest("shared_atomics", x.tolist())[0] == (x[:128] > 0).sum()
+
+
+BROKEN = {
+    "block_sum_missing_barrier": r"shared-memory race: thread \(64,0,0\) .* unsynchronized read by thread \(0,0,0\)"
+                                 r".* `s` \+ 256 .* at selftest/kernels.cu:\d+",
+    "warp_exchange_missing_syncwarp": r"shared-memory race: .* unsynchronized read",
+    "shifted_index": r"out-of-bounds shared-memory write by thread \(127,0,0\) .* byte 0 past the end of `s`",
+    "barrier_in_branch": r"barrier divergence: thread \(64,0,0\) .* exited while 64 thread\(s\) wait at __syncthreads",
+    "shuffle_partial_warp": r"warp divergence: thread \(16,0,0\) .* exited while lane 0 waits at __shfl_\*_sync"
+                            r" .* mask 0xffffffff",
+    "shuffle_outside_mask": r"lane 0 of warp 0 reads lane 16, which is missing from the mask 0xffff",
+    "uninitialized_shared": r"read of uninitialized shared memory by thread \(0,0,0\)",
+    "dynamic_without_smem": r"uses dynamic shared memory, but the launch gave none",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_kernels_are_reported(ctl, rng, name):
+    with pytest.raises(RuntimeError, match=BROKEN[name]):
+        ctl.selftest(name, fresh(rng).tolist())
+    ctl.take_kernel_errors()
+
+
+def test_every_self_test_kernel_is_covered(ctl):
+    correct = {"block_sum", "warp_ops", "warp_exchange", "wmma_gemm", "shared_atomics"}
+    assert set(ctl.selftest_names()) == correct | set(BROKEN)
