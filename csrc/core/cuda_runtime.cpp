@@ -99,6 +99,20 @@ CudaDeviceGuard::~CudaDeviceGuard() {
 }
 
 namespace {
+
+// Allocation is not stream-ordered, so a capture in global mode (any thread) would reject it;
+// relaxed mode for this thread makes it legal, as graph-aware allocators do.
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ~RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
 std::mutex g_report_mu;
 std::unordered_map<int, DeviceErrorReport*> g_reports;  // one per device, never freed
 }  // namespace
@@ -109,7 +123,8 @@ DeviceErrorReport* device_error_report() {
   KVCORE_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(g_report_mu);
   DeviceErrorReport*& r = g_reports[device];
-  if (!r) {
+  if (!r) {  // once per device; legal inside a stream capture (relaxed mode for this thread)
+    RelaxedCaptureMode relaxed;
     KVCORE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&r), sizeof(DeviceErrorReport)));
     KVCORE_CUDA_CHECK(cudaMemset(r, 0, sizeof(DeviceErrorReport)));
   }
@@ -119,6 +134,11 @@ DeviceErrorReport* device_error_report() {
 void raise_device_errors(cudaStream_t stream, const char* op, std::initializer_list<const char*> arg_names) {
   DeviceErrorReport* r = device_error_report();
   if (!r) return;
+  // Inside a capture nothing can be read back (and a sync would invalidate the capture): what the
+  // graph's kernels report stays in the report and is raised by the next checked op outside it.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  KVCORE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
   DeviceErrorReport host{};
   KVCORE_CUDA_CHECK(cudaMemcpyAsync(&host, r, sizeof(host), cudaMemcpyDeviceToHost, stream));
   KVCORE_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -135,19 +155,6 @@ namespace {
 
 cudaStream_t as_stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
 cudaEvent_t as_event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
-
-// Allocation is not stream-ordered, so a capture in global mode (any thread) would reject it;
-// relaxed mode for this thread makes it legal, as graph-aware allocators do.
-class RelaxedCaptureMode {
- public:
-  RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
-  ~RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
-  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
-  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
-
- private:
-  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
-};
 
 }  // namespace
 

@@ -462,3 +462,45 @@ def test_table_capacity_beyond_int32(dev, rng, mode):
         args["q"] = random_array(rng, (6, 4, 64), "float16", "torch")
         args["cu_seqlens_q"] = torch.tensor([0, 4, 6], dtype=torch.int32)
     compare_paged(dev, args)
+
+
+def _capture_decode(dev, gpu, out, lse):
+    """paged_decode captured on a fresh stream (torch's CUDA graph, or the harness's capture)."""
+    if dev.name == "cuda":
+        stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            dev.kv.paged_decode(**gpu, out=out, lse=lse)
+        return graph.replay, lambda: (stream, graph)
+    stream = dev.kv._C.cuda_stream_create(0)
+    graph = dev.control.begin_capture(stream)
+    try:
+        dev.kv.paged_decode(**gpu, out=out, lse=lse, stream=stream)
+    finally:
+        dev.control.end_capture(stream)
+    assert graph.nodes > 0
+    return graph.replay, lambda: (graph, dev.kv._C.cuda_stream_destroy(stream))
+
+
+def test_debug_checks_are_capture_safe(dev, rng):
+    """With debug checks on, a captured op neither allocates nor synchronizes (both invalidate a
+    capture); an index error a replay meets is raised by the next checked op outside the graph."""
+    args = paged_case(rng, "bfloat16", batch=4, hq=8, hkv=2, d=64, page_size=16, max_len=200, decode=True)
+    gpu = on_device(dev, args)
+    out, lse = dev.nan_like(gpu["q"]), dev.full((4, 8), NAN, torch.float32)
+    dev.kv.set_debug_checks(True)
+    try:
+        replay, keep = _capture_decode(dev, gpu, out, lse)
+        replay()
+        dev.sync()
+        want, want_lse = kvcore.paged_decode(**args, return_lse=True)
+        assert_close(out, want, lse, want_lse)
+        gpu["block_table"][1, 0] = 10_000  # a replay now meets a bad entry
+        replay()
+        dev.sync()
+        with pytest.raises(IndexError, match=r"block_table\[0\] = 10000 is out of range"):
+            dev.kv.paged_decode(**dict(gpu, block_table=on_device(dev, args)["block_table"]),
+                                out=dev.nan_like(gpu["q"]))
+        keep()
+    finally:
+        dev.kv.set_debug_checks(False)
