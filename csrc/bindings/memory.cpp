@@ -115,6 +115,7 @@ void register_memory(nb::module_& m) {
         d["host_pages_free"] = s.host_pages_free;
         d["tensors"] = s.tensors;
         d["reserved_bytes"] = s.reserved_bytes;
+        d["zero_page_access"] = s.zero_page_access;
         nb::dict calls;
         for (const auto& [name, c] : s.driver_calls) {
           nb::dict e;

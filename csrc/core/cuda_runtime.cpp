@@ -147,7 +147,7 @@ void raise_device_errors(cudaStream_t stream, const char* op, std::initializer_l
   const char* arg = "?";
   if (host.arg >= 0 && size_t(host.arg) < arg_names.size()) arg = arg_names.begin()[host.arg];
   KVCORE_THROW(ErrorKind::Index, op, ": ", arg, "[", host.position, "] = ", host.value,
-               " is out of range [0, ", host.limit, ") (reported by the CUDA kernel in debug mode)");
+               " is out of range [", host.low, ", ", host.limit, ") (reported by the CUDA kernel in debug mode)");
 }
 
 namespace cuda {

@@ -60,6 +60,10 @@ struct PoolStats {
   int64_t pages_offloaded = 0;   // host slots holding offloaded contents
   int64_t tensors = 0;           // live virtual tensors
   int64_t reserved_bytes = 0;    // virtual address space reserved by live tensors
+  // What unmapped pages read through: "read-only" zero page (a stray write faults), "read-write"
+  // (the driver refused read-only access: a stray write would change what every unmapped page
+  // reads), or "private" (host backend: anonymous zero-fill memory, a stray write stays local).
+  std::string zero_page_access;
   struct Calls {
     int64_t count = 0;
     double total_us = 0;

@@ -46,6 +46,10 @@ class CudaVmmBackend final : public VmmBackend {
   int64_t granularity() const override { return granularity_; }
   int64_t default_page_bytes() const override { return granularity_; }
 
+  std::string zero_page_access() const override {
+    return zero_access_.flags == CU_MEM_ACCESS_FLAGS_PROT_READ ? "read-only" : "read-write";
+  }
+
   void set_page_bytes(int64_t page_bytes) override {
     page_bytes_ = page_bytes;
     CudaDeviceGuard guard(device_);
@@ -210,7 +214,7 @@ class CudaVmmBackend final : public VmmBackend {
   }
 
   // Read-only where the driver supports it (a stray write then faults instead of changing what
-  // every unmapped page reads); otherwise read-write.
+  // every unmapped page reads); otherwise read-write, which stats() reports (zero_page_access).
   void set_zero_access(CUdeviceptr va, int64_t pages) {
     ScopedCall call(stats_, "set_access_zero");
     CUresult r = api_.cuMemSetAccess(va, size_t(pages * page_bytes_), &zero_access_, 1);

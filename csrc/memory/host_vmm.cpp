@@ -29,6 +29,7 @@ class HostVmmBackend final : public VmmBackend {
   ~HostVmmBackend() override { ::close(fd_); }
 
   Device device() const override { return {DeviceType::CPU, 0}; }
+  std::string zero_page_access() const override { return "private"; }
   int64_t granularity() const override { return int64_t(sysconf(_SC_PAGESIZE)); }
   int64_t default_page_bytes() const override { return int64_t(2) << 20; }
   void set_page_bytes(int64_t page_bytes) override { page_bytes_ = page_bytes; }

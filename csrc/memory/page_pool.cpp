@@ -449,6 +449,7 @@ PoolStats PagePool::stats() const {
   st.pages_offloaded = s.host_slots - st.host_pages_free;
   st.tensors = s.live_tensors;
   st.reserved_bytes = s.reserved_bytes;
+  st.zero_page_access = s.backend->zero_page_access();
   st.driver_calls = s.backend->stats().calls();
   return st;
 }

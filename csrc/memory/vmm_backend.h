@@ -65,6 +65,9 @@ class VmmBackend {
   // Called once by the pool before anything else.
   virtual void set_page_bytes(int64_t page_bytes) = 0;
 
+  // How unmapped pages read as zeros (PoolStats::zero_page_access).
+  virtual std::string zero_page_access() const = 0;
+
   // Reserves `pages` pages of address space, all reading as zeros.
   virtual uintptr_t reserve(int64_t pages) = 0;
   virtual void release_reservation(uintptr_t va, int64_t pages) = 0;

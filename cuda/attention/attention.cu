@@ -33,9 +33,15 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 8;         // query rows per CTA
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kMaxSplits = 64;
-// Argument positions in the names raise_device_errors reports.
+// Argument positions in kArgNames, the names raise_device_errors reports.
+constexpr int kSeqLensArg = 0;
 constexpr int kBlockTableArg = 1;
 constexpr int kPrefixBlockTableArg = 2;
+constexpr int kCuSeqlensArg = 3;
+constexpr int kPrefixLensArg = 4;
+constexpr int kGroupIndptrArg = 5;
+#define KVCORE_ATTENTION_ARG_NAMES \
+  { "seq_lens", "block_table", "prefix_block_table", "cu_seqlens_q", "prefix_lens", "group_indptr" }
 
 // A query row of a CTA: which token and head it is, and the query position.
 struct Row {
@@ -239,9 +245,50 @@ TileShape tile_shape(const AttentionParams& p) {
   return t;
 }
 
-// tile_offsets[b] = tiles of the requests before b (prefill); tile_offsets[batch] = all tiles.
-__global__ void build_tiles_kernel(const int32_t* cu_seqlens_q, int batch, int tokens_per_tile, int32_t* tile_offsets) {
+// Debug mode: the ragged and grouping metadata the other kernels index with, checked on the device
+// before any of them runs (they skip their work once the report is set). cu_seqlens_q must start
+// at 0, grow by at most seq_lens[b] per request and end at total_q; group_indptr must start at 0,
+// never decrease and end at batch; prefix_lens must fit their table rows.
+__global__ void validate_metadata_kernel(AttentionArgs a, SharedPrefixArgs sa, DeviceErrorReport* report) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const int64_t batch = a.p.batch;
+  if (a.cu_seqlens_q) {
+    if (a.cu_seqlens_q[0] != 0) return report_range_error(report, kCuSeqlensArg, 0, a.cu_seqlens_q[0], 0, 1);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t lo = a.cu_seqlens_q[b], v = a.cu_seqlens_q[b + 1];
+      const int64_t hi = b + 1 == batch ? a.total_q : lo + std::max<int64_t>(a.seq_lens[b], 0);
+      if (b + 1 == batch ? v != a.total_q : (v < lo || v > hi))
+        return report_range_error(report, kCuSeqlensArg, b + 1, v, b + 1 == batch ? a.total_q : lo,
+                                  (b + 1 == batch ? a.total_q : hi) + 1);
+    }
+  }
+  if (sa.group_indptr) {
+    if (sa.group_indptr[0] != 0) return report_range_error(report, kGroupIndptrArg, 0, sa.group_indptr[0], 0, 1);
+    for (int64_t g = 0; g < sa.num_groups; ++g) {
+      const int64_t lo = sa.group_indptr[g], v = sa.group_indptr[g + 1];
+      const bool last = g + 1 == sa.num_groups;
+      if (last ? v != batch : (v < lo || v > batch))
+        return report_range_error(report, kGroupIndptrArg, g + 1, v, last ? batch : lo, batch + 1);
+      const int64_t capacity = sa.max_prefix_pages * a.kv.page_size, len = sa.prefix_lens[g];
+      if (len < 0 || len > capacity) return report_range_error(report, kPrefixLensArg, g, len, 0, capacity + 1);
+    }
+  }
+}
+
+// Whether the op's report is already set (debug mode), read once per CTA so that all its threads
+// agree: another CTA may set the flag at any moment.
+__device__ bool cta_report_failed(const DeviceErrorReport* report) {
+  if (!report) return false;
+  KVCORE_SHARED(int, s_failed, );
+  if (threadIdx.x == 0) s_failed = report_failed(report);
+  __syncthreads();
+  return s_failed != 0;
+}
+
+// tile_offsets[b] = tiles of the requests before b (prefill); tile_offsets[batch] = all tiles.
+__global__ void build_tiles_kernel(const int32_t* cu_seqlens_q, int batch, int tokens_per_tile, int32_t* tile_offsets,
+                                   DeviceErrorReport* report) {
+  if (threadIdx.x != 0 || blockIdx.x != 0 || report_failed(report)) return;
   int32_t total = 0;
   for (int b = 0; b < batch; ++b) {
     tile_offsets[b] = total;
@@ -277,7 +324,7 @@ __device__ TileRequest locate_tile(const AttentionArgs& a, const int32_t* tile_o
   r.seq = a.seq_lens[r.b];
   const int64_t capacity = a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size;
   if (r.seq > capacity || r.seq < 1) {  // never read past the block table
-    report_index_error(report, 0, r.b, r.seq, capacity + 1);
+    report_range_error(report, kSeqLensArg, r.b, r.seq, 1, capacity + 1);
     r.seq = 0;
   }
   return r;
@@ -288,6 +335,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs a, TileShape shape,
                                                                    const int32_t* tile_offsets, Partials part,
                                                                    DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(Row, rows, [kMaxRows]);
   KVCORE_SHARED(int, s_nrows, );
   KVCORE_SHARED(int, s_b, );
@@ -324,6 +372,7 @@ template <int D, typename T>
 __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs a, int tokens_per_tile,
                                                                   const int32_t* tile_offsets, tc::TcPartials part,
                                                                   DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
   KVCORE_SHARED(int, s_nrows, );
   KVCORE_SHARED(int, s_b, );
@@ -358,6 +407,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 template <int D, typename T>
 __global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
   KVCORE_SHARED(int, s_nrows, );
   const AttentionArgs& a = sa.suffix;
@@ -555,7 +605,8 @@ PassPlan plan_paged(const AttentionArgs& a) {
 // One paged pass into `part` (or straight into the output when part.o is null: one split).
 void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream, int32_t* tile_offsets, Partials part) {
   if (a.cu_seqlens_q) {
-    launch_kernel(build_tiles_kernel, 1, 32, 0, stream, a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets);
+    launch_kernel(build_tiles_kernel, 1, 32, 0, stream, a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets,
+                  device_error_report());
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   if (!plan.tensor_cores) {
@@ -572,6 +623,13 @@ void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream
 }
 
 size_t round_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+void validate_metadata(const AttentionArgs& a, const SharedPrefixArgs& sa, cudaStream_t stream) {
+  DeviceErrorReport* report = device_error_report();
+  if (!report || (!a.cu_seqlens_q && !sa.group_indptr)) return;
+  launch_kernel(validate_metadata_kernel, 1, 32, 0, stream, a, sa, report);
+  KVCORE_CUDA_CHECK_LAUNCH();
+}
 
 }  // namespace
 
@@ -591,12 +649,13 @@ void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
     part.o = scratch.at<float>(tiles_bytes);
     part.lse = part.o + size_t(plan.splits) * size_t(states) * size_t(a.p.head_dim);
   }
+  validate_metadata(a, SharedPrefixArgs{}, stream);
   run_paged(a, plan, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, part);
   if (plan.splits > 1) {
     launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, plan.splits);
     KVCORE_CUDA_CHECK_LAUNCH();
   }
-  raise_device_errors(stream, "attention", {"seq_lens", "block_table"});
+  raise_device_errors(stream, "attention", KVCORE_ATTENTION_ARG_NAMES);
 }
 
 void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle stream_handle) {
@@ -620,6 +679,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   Partials part;
   part.o = scratch.at<float>(tiles_bytes);
   part.lse = part.o + size_t(sources) * size_t(states) * size_t(a.p.head_dim);
+  validate_metadata(a, sa, stream);
   const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(sa.num_groups * prefix_splits));
   const tc::TcPartials tp{part.o, part.lse, 0};
   DeviceErrorReport* report = device_error_report();
@@ -631,7 +691,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part);
   launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, sources);
   KVCORE_CUDA_CHECK_LAUNCH();
-  raise_device_errors(stream, "shared_prefix attention", {"seq_lens", "block_table", "prefix_block_table"});
+  raise_device_errors(stream, "shared_prefix attention", KVCORE_ATTENTION_ARG_NAMES);
 }
 
 void merge_states_cuda(const MergeStatesArgs& m, StreamHandle stream_handle) {

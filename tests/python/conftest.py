@@ -41,17 +41,29 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _make_device(name: str):
+    if name == "cuda":
+        return devices.make("cuda")
+    try:
+        return devices.make("simt")
+    except RuntimeError as e:  # the harness cannot be built here: say why (CI has every tool)
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("simt", marks=pytest.mark.simt)])
 def dev(request):
     """The device under test: a GPU through torch (cuda) or the SIMT harness (simt)."""
-    if request.param == "simt":
-        try:
-            d = devices.make("simt")
-        except RuntimeError as e:
-            if os.environ.get("CI"):
-                pytest.fail(str(e))
-            pytest.skip(str(e))
-    else:
-        d = devices.make("cuda")
+    d = _make_device(request.param)
+    yield d
+    d.finish()
+
+
+@pytest.fixture
+def simt_dev(request):
+    """The SIMT harness alone, for what only an emulated device can do (inject driver failures,
+    inspect the call trace). Tests using it are marked simt."""
+    d = _make_device("simt")
     yield d
     d.finish()

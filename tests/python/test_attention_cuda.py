@@ -339,7 +339,7 @@ def test_debug_checks_shared_prefix(dev, rng):
     gpu["prefix_block_table"][0, 2] = -5
     dev.kv.set_debug_checks(True)
     try:
-        with pytest.raises(IndexError, match="= -5 is out of range"):
+        with pytest.raises(IndexError, match=r"prefix_block_table\[2\] = -5 is out of range"):
             dev.kv.shared_prefix_decode(**gpu, out=dev.nan_like(gpu["q"]))
     finally:
         dev.kv.set_debug_checks(False)
@@ -502,5 +502,40 @@ def test_debug_checks_are_capture_safe(dev, rng):
             dev.kv.paged_decode(**dict(gpu, block_table=on_device(dev, args)["block_table"]),
                                 out=dev.nan_like(gpu["q"]))
         keep()
+    finally:
+        dev.kv.set_debug_checks(False)
+
+
+@pytest.mark.parametrize("broken", ["cu_decreasing", "cu_start", "cu_end", "cu_past_seq_len", "indptr_decreasing",
+                                    "indptr_end", "prefix_len_too_long", "prefix_len_negative"])
+def test_debug_checks_validate_ragged_and_group_metadata(dev, rng, broken):
+    """Malformed cu_seqlens_q / group_indptr / prefix_lens on the device are reported by name in
+    debug mode (before any kernel indexes with them), not read out of bounds."""
+    q_lens = np.array([2, 1, 3, 2], np.int32)
+    args = shared_case(rng, "float16", group_sizes=[2, 2], prefix_lens=[40, 12], decode=False, hq=4, hkv=2,
+                       d=64, page_size=8, q_lens=q_lens, suffix_lens=np.array([5, 4, 6, 9], np.int32))
+    gpu = on_device(dev, args)
+    cu, indptr, plens = gpu["cu_seqlens_q"], gpu["group_indptr"], gpu["prefix_lens"]
+    expect = {
+        "cu_decreasing": (lambda: cu.__setitem__(2, 1), r"cu_seqlens_q\[2\] = 1 is out of range \[2, "),
+        "cu_start": (lambda: cu.__setitem__(0, 1), r"cu_seqlens_q\[0\] = 1 is out of range \[0, 1\)"),
+        "cu_end": (lambda: cu.__setitem__(4, 7), r"cu_seqlens_q\[4\] = 7 is out of range \[8, 9\)"),
+        "cu_past_seq_len": (lambda: (cu.__setitem__(1, 6), cu.__setitem__(2, 6), cu.__setitem__(3, 6)),
+                            r"cu_seqlens_q\[1\] = 6 is out of range \[0, 6\)"),
+        "indptr_decreasing": (lambda: indptr.__setitem__(1, -3), r"group_indptr\[1\] = -3 is out of range \[0, 5\)"),
+        "indptr_end": (lambda: indptr.__setitem__(2, 3), r"group_indptr\[2\] = 3 is out of range \[4, 5\)"),
+        "prefix_len_too_long": (lambda: plens.__setitem__(1, 10_000), r"prefix_lens\[1\] = 10000 is out of range"),
+        "prefix_len_negative": (lambda: plens.__setitem__(0, -1), r"prefix_lens\[0\] = -1 is out of range"),
+    }
+    mutate, message = expect[broken]
+    mutate()
+    dev.kv.set_debug_checks(True)
+    try:
+        with pytest.raises(IndexError, match=message):
+            dev.kv.shared_prefix_prefill(**gpu, out=dev.nan_like(gpu["q"]))
+        if broken.startswith("cu"):  # plain extend checks cu_seqlens_q too
+            plain = {k: gpu[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q")}
+            with pytest.raises(IndexError, match=message):
+                dev.kv.paged_prefill(**plain, out=dev.nan_like(gpu["q"]))
     finally:
         dev.kv.set_debug_checks(False)

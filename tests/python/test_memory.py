@@ -1254,3 +1254,8 @@ def test_threads_share_one_pool(rng):
     shared.free()
     pool.resize(0)
     assert pool.capacity_pages == 0
+
+
+def test_host_zero_page_access_is_reported():
+    pool = kvcore.PagePool("cpu", 4 << 20)
+    assert pool.stats()["zero_page_access"] == "private"
