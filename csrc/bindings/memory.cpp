@@ -157,6 +157,7 @@ void register_memory(nb::module_& m) {
       .def("mapped_pages", &VirtualTensor::mapped_pages)
       .def("physical_page", &VirtualTensor::physical_page, nb::arg("page"))
       .def("free", &VirtualTensor::free, nb::arg("stream") = 0, nb::call_guard<nb::gil_scoped_release>())
+      .def("use_stream", &VirtualTensor::use_stream, nb::arg("stream"))
       .def_prop_ro("is_freed", &VirtualTensor::is_freed)
       .def("view",
            [](const VirtualTensor& t, int64_t offset, const std::vector<int64_t>& shape, const std::string& dtype) {

@@ -143,6 +143,10 @@ class VirtualTensor {
   // Unmaps everything and releases the address range; any later use throws KVCoreError. Refused
   // (KVCoreError) while views exported with retain_view() are alive.
   void free(StreamHandle stream = 0);
+  // Records that work on `stream` uses this tensor's memory (DLPack exports and unmap / offload /
+  // prefetch record theirs): a tensor destroyed without free() releases its pages only after the
+  // work queued so far on every recorded stream (the legacy default stream when none was).
+  void use_stream(StreamHandle stream);
   bool is_freed() const;
 
   const std::shared_ptr<VirtualTensorState>& state() const { return state_; }

@@ -114,6 +114,10 @@ class CudaVmmBackend final : public VmmBackend {
     KVCORE_CU_CHECK(api_.cuMemRelease(CUmemGenericAllocationHandle(page)));
   }
 
+  // Page by page: the zero page comes off, the real page goes on and gets access at once, so an
+  // address is without access only between those calls (the pool waits for the tensor's streams
+  // first, so no kernel of this tensor is reading it then). A failed map puts the zero page back
+  // readable.
   void map(uintptr_t va, const PhysHandle* pages, int64_t count) override {
     CudaDeviceGuard guard(device_);
     int64_t done = 0;
@@ -124,15 +128,25 @@ class CudaVmmBackend final : public VmmBackend {
           ScopedCall call(stats_, "unmap_zero");
           KVCORE_CU_CHECK(api_.cuMemUnmap(at, size_t(page_bytes_)));  // the zero page
         }
-        ScopedCall call(stats_, "map");
-        const CUresult r = api_.cuMemMap(at, size_t(page_bytes_), 0, CUmemGenericAllocationHandle(pages[done]), 0);
+        CUresult r;
+        {
+          ScopedCall call(stats_, "map");
+          r = api_.cuMemMap(at, size_t(page_bytes_), 0, CUmemGenericAllocationHandle(pages[done]), 0);
+        }
         if (r != CUDA_SUCCESS) {
           map_zero(at);
+          set_zero_access(at, 1);
+          KVCORE_CU_CHECK(r);
+        }
+        ScopedCall call(stats_, "set_access");
+        r = api_.cuMemSetAccess(at, size_t(page_bytes_), &read_write_, 1);
+        if (r != CUDA_SUCCESS) {
+          api_.cuMemUnmap(at, size_t(page_bytes_));
+          map_zero(at);
+          set_zero_access(at, 1);
           KVCORE_CU_CHECK(r);
         }
       }
-      ScopedCall call(stats_, "set_access");
-      KVCORE_CU_CHECK(api_.cuMemSetAccess(CUdeviceptr(va), size_t(count * page_bytes_), &read_write_, 1));
     } catch (...) {
       if (done) unmap(va, done);  // all or nothing
       throw;

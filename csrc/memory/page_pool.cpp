@@ -219,10 +219,28 @@ class VirtualTensorState {
     if (freed || !pool) return;
     try {
       std::lock_guard<std::recursive_mutex> lock(pool->mu);
-      release_all(0);
+      release_all(join_streams());
     } catch (...) {
       // Destructors must not throw; the pool reclaims its pages when it dies.
     }
+  }
+
+  // Streams work on this tensor's memory was queued on (see VirtualTensor::use_stream).
+  std::vector<StreamHandle> used_streams;
+  void note_stream(StreamHandle s) {
+    if (std::find(used_streams.begin(), used_streams.end(), s) == used_streams.end()) used_streams.push_back(s);
+  }
+  // One stream ordered after the work queued so far on every used stream: the first of them,
+  // made to wait for the others (stream-ordered, no host synchronization).
+  StreamHandle join_streams() {
+    if (used_streams.empty()) return 0;
+    const StreamHandle main = used_streams.front();
+    for (size_t i = 1; i < used_streams.size(); ++i) {
+      const EventId e = pool->backend->record(used_streams[i]);
+      pool->backend->stream_wait(main, e);
+      pool->backend->destroy_event(e);
+    }
+    return main;
   }
 
   uintptr_t page_va(int64_t i) const { return va + uintptr_t(i * pool->page_bytes); }
@@ -247,7 +265,7 @@ class VirtualTensorState {
   }
 
   // Maps fresh pool pages at [first, first + count); all must be unmapped and settled.
-  void map_fresh(int64_t first, int64_t count, const char* op) {
+  void map_fresh(int64_t first, int64_t count, const char* op, bool wait_readers = true) {
     if (count == 0) return;
     pool->reserve_free_pages(count, op);
     std::vector<int64_t> ids(static_cast<size_t>(count));
@@ -256,6 +274,14 @@ class VirtualTensorState {
     for (int64_t i = 0; i < count; ++i) ids[size_t(i)] = pool->take_page();
     std::sort(ids.begin(), ids.end());
     for (int64_t i = 0; i < count; ++i) handles[size_t(i)] = pool->pages[size_t(ids[size_t(i)])].handle;
+    // Kernels already queued may read these pages (as zeros, e.g. padded CUDA-graph batches): the
+    // remap waits for them, since an address has no access for a moment while it changes. (A
+    // prefetch is asynchronous on its stream and does not wait.)
+    for (StreamHandle s : wait_readers ? used_streams : std::vector<StreamHandle>{}) {
+      const EventId e = pool->backend->record(s);
+      pool->backend->wait(e);
+      pool->backend->destroy_event(e);
+    }
     try {
       pool->backend->map(page_va(first), handles.data(), count);
     } catch (...) {
@@ -564,6 +590,7 @@ void VirtualTensor::unmap(int64_t first, int64_t count, StreamHandle stream) {
   VirtualTensorState& t = *state_;
   std::lock_guard<std::recursive_mutex> lock(t.pool->mu);
   t.check_alive("unmap");
+  t.note_stream(stream);
   t.check_range("unmap", first, count);
   for (int64_t i = first; i < first + count; ++i)
     KVCORE_CHECK_VALUE(t.pages[size_t(i)].state != VPage::State::Unmapped, "VirtualTensor.unmap: page ", i,
@@ -624,6 +651,7 @@ Transfer VirtualTensor::offload(int64_t first, int64_t count, StreamHandle strea
   PoolState& pool = *t.pool;
   std::lock_guard<std::recursive_mutex> lock(pool.mu);
   t.check_alive("offload");
+  t.note_stream(stream);
   t.check_range("offload", first, count);
   t.require_state("offload", first, count, VPage::State::Mapped, "not mapped");
   pool.drain();
@@ -674,6 +702,7 @@ Transfer VirtualTensor::prefetch(int64_t first, int64_t count, StreamHandle stre
   PoolState& pool = *t.pool;
   std::lock_guard<std::recursive_mutex> lock(pool.mu);
   t.check_alive("prefetch");
+  t.note_stream(stream);
   t.check_range("prefetch", first, count);
   t.require_state("prefetch", first, count, VPage::State::Offloaded, "not offloaded");
   Transfer result;
@@ -682,7 +711,7 @@ Transfer VirtualTensor::prefetch(int64_t first, int64_t count, StreamHandle stre
   std::vector<int64_t> slots;
   for (int64_t i = first; i < first + count; ++i) slots.push_back(t.pages[size_t(i)].host);
   // Pages become Mapped here; on failure they go back to Offloaded with their slots.
-  t.map_fresh(first, count, "VirtualTensor.prefetch");
+  t.map_fresh(first, count, "VirtualTensor.prefetch", false);
   std::vector<CopyRun> runs;
   for (int64_t i = 0; i < count; ++i) {
     const char* src = pool.host_base + slots[size_t(i)] * pool.page_bytes;
@@ -763,6 +792,13 @@ void VirtualTensor::free(StreamHandle stream) {
   KVCORE_CHECK(t.views == 0, "VirtualTensor.free: ", t.views,
                " exported view(s) (DLPack / torch / numpy) of this tensor are still alive; drop them first");
   t.release_all(stream);
+}
+
+void VirtualTensor::use_stream(StreamHandle stream) {
+  VirtualTensorState& t = *state_;
+  std::lock_guard<std::recursive_mutex> lock(t.pool->mu);
+  t.check_alive("use_stream");
+  t.note_stream(stream);
 }
 
 bool VirtualTensor::is_freed() const {

@@ -192,7 +192,17 @@ class VirtualTensor:
         shape = self.shape if shape is None else shape
         return self._native.view(int(offset), [int(d) for d in shape], _dtype_name(dtype or self.dtype))
 
+    def use_stream(self, stream: Any) -> None:
+        """Records that work on `stream` uses this tensor's memory, so that destroying the tensor
+        without free() releases its pages only after that work (exports through __dlpack__(stream=)
+        and unmap/offload/prefetch record their streams themselves)."""
+        self._native.use_stream(resolve_stream(stream, ()))
+
     def __dlpack__(self, **kwargs):
+        stream = kwargs.get("stream")
+        if isinstance(stream, int) and not isinstance(stream, bool) and stream >= 0 and self.device.startswith("cuda"):
+            # The consumer's stream (DLPack: 1 is the legacy default stream, 2 the per-thread one).
+            self._native.use_stream(0 if stream == 1 else stream)
         return self.view().__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
