@@ -510,21 +510,21 @@ void execute_warp_op(Cta& c, int w, unsigned mask) {
 
 }  // namespace
 
-void syncwarp(unsigned mask, const char* file, int line) {
+namespace {
+WarpOp warp_op(WarpOpKind kind, unsigned mask, const char* file, int line) {
   WarpOp op;
-  op.kind = WarpOpKind::Syncwarp;
+  op.kind = kind;
   op.mask = mask;
   op.file = file;
   op.line = line;
-  arrive(op);
+  return op;
 }
+}  // namespace
+
+void syncwarp(unsigned mask, const char* file, int line) { arrive(warp_op(WarpOpKind::Syncwarp, mask, file, line)); }
 
 uint64_t shfl(unsigned mask, uint64_t bits, ShflMode mode, int arg, int width, const char* file, int line) {
-  WarpOp op;
-  op.kind = WarpOpKind::Shfl;
-  op.mask = mask;
-  op.file = file;
-  op.line = line;
+  WarpOp op = warp_op(WarpOpKind::Shfl, mask, file, line);
   op.value = bits;
   op.mode = mode;
   op.arg = arg;
@@ -534,22 +534,14 @@ uint64_t shfl(unsigned mask, uint64_t bits, ShflMode mode, int arg, int width, c
 }
 
 unsigned vote_ballot(unsigned mask, bool predicate, const char* file, int line) {
-  WarpOp op;
-  op.kind = WarpOpKind::Ballot;
-  op.mask = mask;
-  op.file = file;
-  op.line = line;
+  WarpOp op = warp_op(WarpOpKind::Ballot, mask, file, line);
   op.value = predicate;
   arrive(op);
   return unsigned(t_fiber->op.result);
 }
 
 void wmma(const WmmaCall& call, const char* file, int line) {
-  WarpOp op;
-  op.kind = WarpOpKind::Wmma;
-  op.mask = kFullMask;
-  op.file = file;
-  op.line = line;
+  WarpOp op = warp_op(WarpOpKind::Wmma, kFullMask, file, line);
   op.wmma = &call;
   arrive(op);
 }
