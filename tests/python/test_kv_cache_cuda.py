@@ -1,5 +1,6 @@
-"""append_kv and copy_pages on CUDA: bit-identical to the CPU backend on fresh random inputs, with
-poisoned outputs; debug-mode index reports; streams and CUDA-graph capture."""
+"""append_kv and copy_pages on the device, run on a real GPU (cuda) and on the SIMT harness (simt):
+bit-identical to the CPU backend on fresh random inputs, with poisoned outputs; debug-mode index
+reports; streams and CUDA-graph capture (torch, on the GPU)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import pytest
 
 import kvcore
 from arrays import POISON, bits, random_array
-
-pytestmark = pytest.mark.cuda
-
 
 @pytest.fixture
 def torch():
@@ -22,7 +20,7 @@ def torch():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("heads,head_dim", [(8, 128), (1, 64), (3, 7), (2, 256)])
 @pytest.mark.parametrize("page_size", [1, 16, 33])
-def test_append_kv_cuda_equals_cpu(rng, torch, dtype, heads, head_dim, page_size):
+def test_append_kv_cuda_equals_cpu(dev, rng, torch, dtype, heads, head_dim, page_size):
     tokens = int(rng.integers(1, 300))
     num_pages = tokens // page_size + 2
     slots = rng.permutation(num_pages * page_size)[:tokens]
@@ -32,55 +30,59 @@ def test_append_kv_cuda_equals_cpu(rng, torch, dtype, heads, head_dim, page_size
     qkv = random_array(rng, (tokens, 3 * heads, head_dim), dtype, "torch")
     k, v = qkv[:, heads:2 * heads], qkv[:, 2 * heads:]
     cpu_buf = torch.full((num_pages, 2, page_size, heads, head_dim), POISON, dtype=getattr(torch, dtype))
-    gpu_buf = cpu_buf.cuda()
+    gpu_buf = dev.put(cpu_buf)
+    gqkv = dev.put(qkv)
 
     kvcore.append_kv(k, v, cpu_buf[:, 0], cpu_buf[:, 1], slots)
-    kvcore.append_kv(k.cuda(), v.cuda(), gpu_buf[:, 0], gpu_buf[:, 1], slots.cuda())
-    torch.cuda.synchronize()
+    dev.kv.append_kv(gqkv[:, heads:2 * heads], gqkv[:, 2 * heads:], gpu_buf[:, 0], gpu_buf[:, 1], dev.put(slots))
+    dev.sync()
 
-    assert np.array_equal(bits(gpu_buf), bits(cpu_buf))
+    assert np.array_equal(bits(dev.host(gpu_buf)), bits(cpu_buf))
 
 
-def test_append_kv_cuda_misaligned_views(rng, torch):
+def test_append_kv_cuda_misaligned_views(dev, rng, torch):
     """An odd element offset forces the 2-byte path; still identical to the CPU."""
     tokens, heads, head_dim = 37, 2, 64
     flat = random_array(rng, (tokens * heads * head_dim + 1,), "float16", "torch")
     k = flat[1:].view(tokens, heads, head_dim)
     cache_flat = torch.full((5 * 16 * heads * head_dim + 1,), POISON, dtype=torch.float16)
     cpu_cache = cache_flat[1:].view(5, 16, heads, head_dim)
-    gpu_flat = cache_flat.cuda()
+    gpu_flat = dev.put(cache_flat)
     gpu_cache = gpu_flat[1:].view(5, 16, heads, head_dim)
+    gk = dev.put(flat)[1:].view(tokens, heads, head_dim)
     slots = torch.from_numpy(rng.permutation(80)[:tokens].astype(np.int64))
     kvcore.append_kv(k, k, cpu_cache, cpu_cache.clone(), slots)
-    kvcore.append_kv(k.cuda(), k.cuda(), gpu_cache, gpu_cache.clone(), slots.cuda())
-    torch.cuda.synchronize()
-    assert np.array_equal(bits(gpu_cache), bits(cpu_cache))
+    dev.kv.append_kv(gk, gk, gpu_cache, dev.put(cache_flat)[1:].view(5, 16, heads, head_dim), dev.put(slots))
+    dev.sync()
+    assert np.array_equal(bits(dev.host(gpu_cache)), bits(cpu_cache))
 
 
-def test_append_kv_cuda_bad_slots(rng, torch):
-    k = torch.randn(4, 2, 64, device="cuda", dtype=torch.bfloat16)
-    cache = torch.full((2, 4, 2, 64), POISON, device="cuda", dtype=torch.bfloat16)
-    slots = torch.tensor([0, 9, 3, 1], device="cuda", dtype=torch.int32)  # 9 >= 8 slots
-    kvcore.set_debug_checks(True)
+def test_append_kv_cuda_bad_slots(dev, rng, torch):
+    host_k = random_array(rng, (4, 2, 64), "bfloat16", "torch")
+    k = dev.put(host_k)
+    cache = dev.full((2, 4, 2, 64), POISON, torch.bfloat16)
+    slots = dev.put(torch.tensor([0, 9, 3, 1], dtype=torch.int32))  # 9 >= 8 slots
+    dev.kv.set_debug_checks(True)
     try:
         with pytest.raises(IndexError, match=r"slot_mapping\[1\] = 9 is out of range"):
-            kvcore.append_kv(k, k, cache, cache.clone(), slots)
+            dev.kv.append_kv(k, k, cache, cache.clone(), slots)
     finally:
-        kvcore.set_debug_checks(False)
+        dev.kv.set_debug_checks(False)
     # Without debug checks the bad token is skipped and the others land.
-    kvcore.append_kv(k, k, cache, cache.clone(), slots)
-    torch.cuda.synchronize()
-    flat = cache.view(-1, 2, 64)
-    assert torch.equal(flat[torch.tensor([0, 3, 1])], k[torch.tensor([0, 2, 3])])
+    dev.kv.append_kv(k, k, cache, cache.clone(), slots)
+    dev.sync()
+    flat = dev.host(cache).view(-1, 2, 64)
+    assert torch.equal(flat[torch.tensor([0, 3, 1])], host_k[torch.tensor([0, 2, 3])])
 
 
-def test_append_kv_cuda_mixed_devices_rejected(torch):
-    k = torch.randn(4, 2, 64, device="cuda")
-    cache = torch.zeros(2, 4, 2, 64, device="cuda") + 1
+def test_append_kv_cuda_mixed_devices_rejected(dev, torch):
+    k = dev.put(torch.randn(4, 2, 64))
+    cache = dev.put(torch.zeros(2, 4, 2, 64) + 1)
     with pytest.raises(ValueError, match="slot_mapping is on cpu but k is on cuda:0"):
-        kvcore.append_kv(k, k, cache, cache.clone(), torch.arange(4, dtype=torch.int32))
+        dev.kv.append_kv(k, k, cache, cache.clone(), torch.arange(4, dtype=torch.int32))
 
 
+@pytest.mark.cuda
 def test_append_kv_cuda_uses_the_given_stream(rng, torch):
     tokens, heads, head_dim = 64, 8, 128
     k = random_array(rng, (tokens, heads, head_dim), "bfloat16", "torch").cuda()
@@ -100,7 +102,7 @@ def test_append_kv_cuda_uses_the_given_stream(rng, torch):
 @pytest.mark.parametrize("direction", ["d2d", "d2h", "h2d"])
 @pytest.mark.parametrize("lists_on", ["cpu", "cuda"])
 @pytest.mark.parametrize("page_shape", [(16, 8, 128), (3, 5), (1,)])
-def test_copy_pages_cuda_equals_cpu(rng, torch, direction, lists_on, page_shape):
+def test_copy_pages_cuda_equals_cpu(dev, rng, torch, direction, lists_on, page_shape):
     total = int(rng.integers(2, 40))
     n = int(rng.integers(1, total + 1))
     src_host = random_array(rng, (total, *page_shape), "bfloat16", "torch")
@@ -111,36 +113,38 @@ def test_copy_pages_cuda_equals_cpu(rng, torch, direction, lists_on, page_shape)
     expected = dst_host.clone()
     kvcore.copy_pages(src_host, expected, sp, dp)
 
-    src = src_host.cuda() if direction in ("d2d", "d2h") else src_host.pin_memory()
-    dst = dst_host.cuda() if direction in ("d2d", "h2d") else dst_host.pin_memory()
+    src = dev.put(src_host) if direction in ("d2d", "d2h") else dev.pinned(src_host)
+    dst = dev.put(dst_host) if direction in ("d2d", "h2d") else dev.pinned(dst_host)
     if lists_on == "cuda":
-        sp, dp = sp.cuda(), dp.cuda()
-    kvcore.copy_pages(src, dst, sp, dp)
-    torch.cuda.synchronize()
-    assert np.array_equal(bits(dst), bits(expected))
+        sp, dp = dev.put(sp), dev.put(dp)
+    dev.kv.copy_pages(src, dst, sp, dp)
+    dev.sync()
+    assert np.array_equal(bits(dev.host(dst)), bits(expected))
 
 
-def test_copy_pages_cuda_device_lists_need_pinned_host_memory(torch):
-    src = torch.randn(4, 256, device="cuda")
+def test_copy_pages_cuda_device_lists_need_pinned_host_memory(dev, torch):
+    src = dev.put(torch.randn(4, 256))
     dst = torch.zeros(4, 256) + 1  # pageable
-    lists = torch.arange(4, device="cuda")
+    lists = dev.put(torch.arange(4))
     with pytest.raises(ValueError, match="pageable host memory"):
-        kvcore.copy_pages(src, dst, lists, lists)
-    kvcore.copy_pages(src, dst, lists.cpu(), lists.cpu())  # host lists: DMA from pageable memory works
-    assert torch.equal(dst, src.cpu())
+        dev.kv.copy_pages(src, dst, lists, lists)
+    dev.kv.copy_pages(src, dst, torch.arange(4), torch.arange(4))  # host lists: DMA from pageable memory works
+    dev.sync()
+    assert torch.equal(dst, dev.host(src))
 
 
-def test_copy_pages_cuda_debug_reports_bad_device_lists(torch):
-    src = torch.randn(4, 64, device="cuda")
-    dst = torch.full((3, 64), POISON, device="cuda")
-    kvcore.set_debug_checks(True)
+def test_copy_pages_cuda_debug_reports_bad_device_lists(dev, torch):
+    src = dev.put(torch.randn(4, 64))
+    dst = dev.full((3, 64), POISON, torch.float32)
+    dev.kv.set_debug_checks(True)
     try:
         with pytest.raises(IndexError, match=r"dst_pages\[1\] = 3 is out of range \[0, 3\)"):
-            kvcore.copy_pages(src, dst, torch.tensor([0, 1], device="cuda"), torch.tensor([0, 3], device="cuda"))
+            dev.kv.copy_pages(src, dst, dev.put(torch.tensor([0, 1])), dev.put(torch.tensor([0, 3])))
     finally:
-        kvcore.set_debug_checks(False)
+        dev.kv.set_debug_checks(False)
 
 
+@pytest.mark.cuda
 def test_copy_pages_cuda_graph_capture(rng, torch):
     """With page lists on the device, copy_pages is captured once and replayed with new lists."""
     src = random_array(rng, (64, 4096), "float16", "torch").cuda()
