@@ -1,5 +1,5 @@
 """kvcore.comm on CUDA: the CUDA reduction bit-identical to the CPU one on fresh random data with
-poisoned outputs; collectives on CUDA torch tensors across real processes (host and socket links,
+poisoned outputs (on a GPU and on the SIMT harness); collectives on CUDA torch tensors across real processes (host and socket links,
 two ranks sharing one GPU) bit-identical to the CPU path; the nccl link; CUDA graph capture."""
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import kvcore
 from arrays import POISON, bits
 from kvcore import comm
 from test_comm import SPLITS, _as_framework, _expected_bits, _rank_input, _reduce_reference, _spawn
-
-pytestmark = pytest.mark.cuda
 
 DTYPES = ["float32", "float16", "bfloat16", "int32"]
 
@@ -51,7 +49,7 @@ def _stream(torch) -> int:
 @pytest.mark.parametrize("count", [1, 7, 1001, 65537, (1 << 20) + 3])
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_comm_reduce_cuda_bitwise_equals_cpu(rng, torch, dtype, op, count, ranks, offset):
+def test_comm_reduce_cuda_bitwise_equals_cpu(dev, rng, torch, dtype, op, count, ranks, offset):
     """offset 1 shifts every other input by one element, so the kernel's narrower vector paths run."""
     inputs = [_random_tensor(rng, torch, dtype, count) for _ in range(ranks)]
     expected = torch.empty(count, dtype=getattr(torch, dtype))
@@ -59,36 +57,37 @@ def test_comm_reduce_cuda_bitwise_equals_cpu(rng, torch, dtype, op, count, ranks
 
     def on_gpu(t, k):
         shift = offset * (k % 2)
-        padded = torch.full((count + shift,), POISON, dtype=t.dtype, device="cuda")
-        padded[shift:] = t.cuda()
+        padded = dev.full((count + shift,), POISON, t.dtype)
+        padded[shift:] = dev.put(t)
         return padded[shift:]
 
+    stream = _stream(torch) if dev.name == "cuda" else 0
     gpu_inputs = [on_gpu(t, k) for k, t in enumerate(inputs)]
-    out = torch.full((count,), POISON, dtype=getattr(torch, dtype), device="cuda")
-    kvcore._C.comm_reduce_cuda([t.data_ptr() for t in gpu_inputs], out.data_ptr(), count, dtype, op, _stream(torch))
-    torch.cuda.synchronize()
-    assert np.array_equal(bits(out), bits(expected))
+    out = dev.full((count,), POISON, getattr(torch, dtype))
+    dev.kv._C.comm_reduce_cuda([t.data_ptr() for t in gpu_inputs], out.data_ptr(), count, dtype, op, stream)
+    dev.sync()
+    assert np.array_equal(bits(dev.host(out)), bits(expected))
 
     # In place into the first input, as the collectives' own part is reduced.
     first = gpu_inputs[0]
-    kvcore._C.comm_reduce_cuda([t.data_ptr() for t in gpu_inputs], first.data_ptr(), count, dtype, op, _stream(torch))
-    torch.cuda.synchronize()
-    assert np.array_equal(bits(first), bits(expected))
+    dev.kv._C.comm_reduce_cuda([t.data_ptr() for t in gpu_inputs], first.data_ptr(), count, dtype, op, stream)
+    dev.sync()
+    assert np.array_equal(bits(dev.host(first)), bits(expected))
 
 
-def test_comm_reduce_cuda_argument_errors(torch):
-    x = torch.ones(16, device="cuda")
+def test_comm_reduce_cuda_argument_errors(dev, torch):
+    x = dev.put(torch.ones(16))
     with pytest.raises(ValueError, match="inputs: at most 64"):
-        kvcore._C.comm_reduce_cuda([x.data_ptr()] * 65, x.data_ptr(), 16, "float32", "sum", 0)
+        dev.kv._C.comm_reduce_cuda([x.data_ptr()] * 65, x.data_ptr(), 16, "float32", "sum", 0)
     with pytest.raises(ValueError, match="inputs: expected at least one"):
-        kvcore._C.comm_reduce_cuda([], x.data_ptr(), 16, "float32", "sum", 0)
+        dev.kv._C.comm_reduce_cuda([], x.data_ptr(), 16, "float32", "sum", 0)
     host = np.ones(16, np.float32)
     with pytest.raises(ValueError, match=r"inputs\[1\]: expected a pointer to CUDA device memory"):
-        kvcore._C.comm_reduce_cuda([x.data_ptr(), host.ctypes.data], x.data_ptr(), 16, "float32", "sum", 0)
+        dev.kv._C.comm_reduce_cuda([x.data_ptr(), host.ctypes.data], x.data_ptr(), 16, "float32", "sum", 0)
     with pytest.raises(TypeError, match="dtype"):
-        kvcore._C.comm_reduce_cuda([x.data_ptr()], x.data_ptr(), 16, "int64", "sum", 0)
+        dev.kv._C.comm_reduce_cuda([x.data_ptr()], x.data_ptr(), 16, "int64", "sum", 0)
     with pytest.raises(ValueError, match="op"):
-        kvcore._C.comm_reduce_cuda([x.data_ptr()], x.data_ptr(), 16, "float32", "prod", 0)
+        dev.kv._C.comm_reduce_cuda([x.data_ptr()], x.data_ptr(), 16, "float32", "prod", 0)
 
 
 # ---- collectives on CUDA tensors (spawned ranks) -----------------------------------------------------------
@@ -171,6 +170,7 @@ def scenario_cuda_collectives(c, rank, world):
     return checked
 
 
+@pytest.mark.cuda
 def test_cuda_collectives_host_and_socket(tmp_path):
     checked = _spawn(tmp_path, "scenario_cuda_collectives", 2, scenarios="test_comm_cuda", timeout=30.0,
                      join_timeout=300)
@@ -192,6 +192,7 @@ def scenario_cuda_balanced_split(c, rank, world):
     return c.stats()["balancer_updates"]
 
 
+@pytest.mark.cuda
 def test_cuda_balanced_split(tmp_path):
     updates = _spawn(tmp_path, "scenario_cuda_balanced_split", 2, scenarios="test_comm_cuda", timeout=30.0,
                      join_timeout=120)
@@ -201,6 +202,7 @@ def test_cuda_balanced_split(tmp_path):
 # ---- graph capture and the nccl link ----------------------------------------------------------------------
 
 
+@pytest.mark.cuda
 def test_capture_without_nccl_is_refused(tmp_path, torch):
     store = comm.FileStore(str(tmp_path / "s"), timeout=5)
     with comm.Communicator(0, 1, store, links=["host", "socket"]) as c:
@@ -222,6 +224,7 @@ def _needs_nccl():
         pytest.skip(f"nccl link unavailable: {reason}")
 
 
+@pytest.mark.cuda
 def test_nccl_single_rank(tmp_path, torch, rng):
     _needs_nccl()
     store = comm.FileStore(str(tmp_path / "s"), timeout=10)
@@ -266,6 +269,7 @@ def scenario_nccl_collectives(c, rank, world):
     return c.stats()["links"]["nccl"]["slices"]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("world", [2, 4])
 def test_nccl_multi_rank(tmp_path, torch, world):
     _needs_nccl()
