@@ -215,12 +215,12 @@ void register_comm(nb::module_& m) {
   nb::class_<comm::NcclComm>(m, "NcclComm")
       .def(
           "__init__",
-          [](comm::NcclComm* self, nb::bytes unique_id, int rank, int world_size, int device) {
+          [](comm::NcclComm* self, nb::bytes unique_id, int rank, int world_size, int device, double timeout) {
             const std::string id(unique_id.c_str(), unique_id.size());
-            nb::gil_scoped_release release;  // blocks until every rank has joined
-            new (self) comm::NcclComm(id, rank, world_size, device);
+            nb::gil_scoped_release release;  // waits (at most `timeout` s) until every rank has joined
+            new (self) comm::NcclComm(id, rank, world_size, device, timeout);
           },
-          nb::arg("unique_id"), nb::arg("rank"), nb::arg("world_size"), nb::arg("device"))
+          nb::arg("unique_id"), nb::arg("rank"), nb::arg("world_size"), nb::arg("device"), nb::arg("timeout"))
       .def(
           "exchange",
           [](comm::NcclComm& c, const std::vector<PyBuffer>& sends, const std::vector<PyBuffer>& recvs,

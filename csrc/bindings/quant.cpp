@@ -14,7 +14,7 @@ void register_quant(nb::module_& m) {
       [](const InArray& x, const OutArray& out, int64_t block_size, const std::optional<InArray>& signs, bool inverse,
          StreamHandle stream) {
         const TensorView x_v = to_view(x, "x");
-        const TensorView out_v = to_view(out, "out");
+        const TensorView out_v = as_rows(to_view(out, "out"));
         const TensorView signs_v = optional_view(signs, "signs");
         HadamardArgs a = make_hadamard_args(x_v, out_v, block_size, signs_v, inverse);
         nb::gil_scoped_release release;
@@ -53,7 +53,7 @@ void register_quant(nb::module_& m) {
          const std::optional<InArray>& signs, StreamHandle stream) {
         const TensorView codes_v = to_view(codes, "codes");
         const TensorView params_v = to_view(params, "params");
-        const TensorView out_v = to_view(out, "out");
+        const TensorView out_v = as_rows(to_view(out, "out"));
         const TensorView signs_v = optional_view(signs, "signs");
         DequantizeInt4Args a = make_dequantize_int4_args(codes_v, params_v, out_v, block_size, signs_v);
         nb::gil_scoped_release release;

@@ -13,12 +13,28 @@ struct UniqueId {                   // ncclUniqueId
   char internal[128];
 };
 constexpr Result kSuccess = 0;      // ncclSuccess
+constexpr Result kInProgress = 7;   // ncclInProgress: a non-blocking communicator is still working
 constexpr int kUint8 = 1;           // ncclUint8: exchanges move raw bytes
+
+// ncclConfig_t as of NCCL 2.17 (NCCL reads `size` and `version` and defaults the fields a caller's
+// older layout lacks); fields left at kConfigUndefInt keep NCCL's defaults.
+constexpr int kConfigUndefInt = -2147483647 - 1;  // NCCL_CONFIG_UNDEF_INT (INT_MIN)
+struct Config {
+  size_t size = sizeof(Config);
+  unsigned int magic = 0xcafebeef;
+  unsigned int version = 21700;  // NCCL_VERSION(2, 17, 0)
+  int blocking = kConfigUndefInt;
+  int cga_cluster_size = kConfigUndefInt;
+  int min_ctas = kConfigUndefInt;
+  int max_ctas = kConfigUndefInt;
+  const char* net_name = nullptr;
+  int split_share = kConfigUndefInt;
+};
 
 struct Api {
   Result (*GetVersion)(int* version) = nullptr;
   Result (*GetUniqueId)(UniqueId* id) = nullptr;
-  Result (*CommInitRank)(Comm* comm, int nranks, UniqueId id, int rank) = nullptr;
+  Result (*CommInitRankConfig)(Comm* comm, int nranks, UniqueId id, int rank, Config* config) = nullptr;
   Result (*CommDestroy)(Comm comm) = nullptr;
   Result (*CommAbort)(Comm comm) = nullptr;
   Result (*CommGetAsyncError)(Comm comm, Result* async_error) = nullptr;

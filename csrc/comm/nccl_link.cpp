@@ -3,7 +3,9 @@
 #include "kvcore/build_config.h"
 #if KVCORE_WITH_CUDA
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "kvcore/comm.h"
 #include "kvcore/cuda_utils.h"
@@ -13,7 +15,26 @@
 namespace kvcore::comm {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 nccl::Comm handle(void* comm) { return static_cast<nccl::Comm>(comm); }
+
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+// Polls a non-blocking communicator until its pending work (init, a grouped exchange) has ended:
+// that work's result, or kInProgress when the deadline came first.
+nccl::Result wait_until_ready(const nccl::Api& api, nccl::Comm comm, Clock::time_point deadline) {
+  for (int polls = 0;; ++polls) {
+    nccl::Result state = nccl::kInProgress;
+    const nccl::Result r = api.CommGetAsyncError(comm, &state);
+    if (r != nccl::kSuccess) return r;
+    if (state != nccl::kInProgress) return state;
+    if (Clock::now() >= deadline) return nccl::kInProgress;
+    std::this_thread::sleep_for(std::chrono::microseconds(polls < 1000 ? 20 : 1000));
+  }
+}
 
 void check_buffers(const std::vector<std::optional<NcclBuffer>>& buffers, const char* what, int rank, int world) {
   KVCORE_CHECK_VALUE(int(buffers.size()) == world, what, ": expected one entry per rank (", world, "), got ",
@@ -27,8 +48,8 @@ void check_buffers(const std::vector<std::optional<NcclBuffer>>& buffers, const 
 
 }  // namespace
 
-NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int device)
-    : rank_(rank), world_size_(world_size), device_(device) {
+NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s)
+    : rank_(rank), world_size_(world_size), device_(device), timeout_s_(timeout_s) {
   require_cuda("NcclComm");
   const nccl::Api& api = nccl::api();
   KVCORE_CHECK_VALUE(unique_id.size() == sizeof(nccl::UniqueId), "unique_id: expected ", sizeof(nccl::UniqueId),
@@ -37,11 +58,28 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
   KVCORE_CHECK_VALUE(rank >= 0 && rank < world_size, "rank: expected 0..", world_size - 1, ", got ", rank);
   KVCORE_CHECK_VALUE(device >= 0 && device < cuda_status().device_count, "device: expected 0..",
                      cuda_status().device_count - 1, ", got ", device);
+  KVCORE_CHECK_VALUE(timeout_s > 0, "timeout: expected > 0 seconds, got ", timeout_s);
   nccl::UniqueId id;
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
   CudaDeviceGuard guard(device);  // NCCL binds the communicator to the current device
+  // Non-blocking, so a rank that never joins ends the wait at the timeout instead of hanging it.
+  nccl::Config config;
+  config.blocking = 0;
+  const Clock::time_point deadline = deadline_after(timeout_s);
   nccl::Comm comm = nullptr;
-  nccl::check(api.CommInitRank(&comm, world_size, id, rank), "ncclCommInitRank");
+  nccl::Result r = api.CommInitRankConfig(&comm, world_size, id, rank, &config);
+  if (r == nccl::kInProgress) r = wait_until_ready(api, comm, deadline);
+  if (r != nccl::kSuccess && comm) {
+    const char* detail = api.GetLastError ? api.GetLastError(comm) : nullptr;
+    const std::string why = detail && *detail ? std::string(": ") + detail : std::string();
+    api.CommAbort(comm);
+    KVCORE_CHECK(r != nccl::kInProgress, "ncclCommInitRank: not every rank joined within ", timeout_s, " s (rank ",
+                 rank, " of ", world_size, "); the communicator was aborted");
+    const char* text = api.GetErrorString(r);
+    KVCORE_THROW(ErrorKind::Runtime, "ncclCommInitRank failed: ", text ? text : "unknown NCCL error",
+                 " (ncclResult_t ", r, ")", why);
+  }
+  nccl::check(r, "ncclCommInitRank");
   comm_ = comm;
 }
 
@@ -83,8 +121,11 @@ void NcclComm::exchange(const std::vector<std::optional<NcclBuffer>>& sends,
       if (res != nccl::kSuccess && first_error == nccl::kSuccess) first_error = res, failed = "ncclRecv";
     }
   }
-  const nccl::Result end = api.GroupEnd();
+  nccl::Result end = api.GroupEnd();
   if (failed) nccl::check(first_error, failed, comm);
+  // A non-blocking communicator may still be connecting to a peer (first exchange): bounded wait.
+  if (end == nccl::kInProgress) end = wait_until_ready(api, comm, deadline_after(timeout_s_));
+  KVCORE_CHECK(end != nccl::kInProgress, "ncclGroupEnd: the peers did not take part within ", timeout_s_, " s");
   nccl::check(end, "ncclGroupEnd", comm);
 }
 

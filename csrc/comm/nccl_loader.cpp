@@ -38,7 +38,7 @@ const Loaded& loaded() {
     // The entry points the nccl link uses.
     resolve(a.GetVersion, "ncclGetVersion", true);
     resolve(a.GetUniqueId, "ncclGetUniqueId", true);
-    resolve(a.CommInitRank, "ncclCommInitRank", true);
+    resolve(a.CommInitRankConfig, "ncclCommInitRankConfig", true);  // NCCL 2.14+
     resolve(a.CommDestroy, "ncclCommDestroy", true);
     resolve(a.CommAbort, "ncclCommAbort", true);
     resolve(a.CommGetAsyncError, "ncclCommGetAsyncError", true);

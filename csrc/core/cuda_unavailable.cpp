@@ -23,7 +23,7 @@ void reduce_in_order_cuda(const std::vector<const void*>&, void*, int64_t, DType
   require_cuda("comm_reduce_cuda");
 }
 // The constructor raises, so no other member ever runs.
-NcclComm::NcclComm(const std::string&, int, int, int) { require_cuda("NcclComm"); }
+NcclComm::NcclComm(const std::string&, int, int, int, double) { require_cuda("NcclComm"); }
 NcclComm::~NcclComm() = default;
 void NcclComm::exchange(const std::vector<std::optional<NcclBuffer>>&, const std::vector<std::optional<NcclBuffer>>&,
                         StreamHandle) {}

@@ -97,6 +97,27 @@ TensorView make_view(const char* name, void* data, DType dtype, std::initializer
   return t;
 }
 
+TensorView as_rows(const TensorView& t) {
+  KVCORE_CHECK_VALUE(t.ndim >= 1, t.name, ": expected at least 1 dimension");
+  TensorView r = t;
+  r.ndim = 2;
+  r.shape[1] = t.shape[t.ndim - 1];
+  r.strides[1] = t.strides[t.ndim - 1];
+  r.shape[0] = 1;
+  r.strides[0] = r.shape[1];
+  bool strided = false;  // the innermost leading dim of size > 1 fixes the row stride
+  for (int i = t.ndim - 2; i >= 0; --i) {
+    if (t.shape[i] == 1) continue;
+    if (!strided) r.strides[0] = t.strides[i];
+    KVCORE_CHECK_VALUE(!strided || t.numel() == 0 || t.strides[i] == r.strides[0] * r.shape[0], t.name,
+                       ": its leading dimensions cannot be viewed as rows without a copy (shape ", t.shape_str(),
+                       ")");
+    strided = true;
+    r.shape[0] *= t.shape[i];
+  }
+  return r;
+}
+
 void check_dtype(const TensorView& t, std::initializer_list<DType> allowed) {
   for (DType d : allowed)
     if (t.dtype == d) return;

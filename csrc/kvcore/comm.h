@@ -183,8 +183,10 @@ struct NcclBuffer {
 // collectives reduce with reduce_in_order_cuda, so results match the other links bit for bit.
 class NcclComm {
  public:
-  // Blocks until all `world_size` ranks have joined (NCCL's own bootstrap). `device`: this rank's GPU.
-  NcclComm(const std::string& unique_id, int rank, int world_size, int device);
+  // Waits until all `world_size` ranks have joined (NCCL's bootstrap), at most `timeout_s` seconds
+  // (then aborts and raises KVCoreError). `device`: this rank's GPU. Later exchanges that must wait
+  // for a peer (the first one connects) are bounded by the same timeout.
+  NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -207,6 +209,7 @@ class NcclComm {
   int rank_ = 0;
   int world_size_ = 0;
   int device_ = 0;
+  double timeout_s_ = 0;
 };
 
 }  // namespace kvcore::comm

@@ -57,6 +57,10 @@ struct TensorView {
 TensorView make_view(const char* name, void* data, DType dtype, std::initializer_list<int64_t> shape,
                      Device device = {});
 
+// t as [rows, last dim] without moving data: the leading dims must step by one stride (as after a
+// reshape that needs no copy); raises ValueError naming t otherwise.
+TensorView as_rows(const TensorView& t);
+
 // Argument checks; each throws kvcore::Error naming the argument.
 void check_dtype(const TensorView& t, std::initializer_list<DType> allowed);
 void check_same_dtype(const TensorView& t, const TensorView& ref);

@@ -4,6 +4,8 @@
 // finds min/max with warp reductions, quantizes, packs and stores; nothing intermediate touches
 // device memory. hadamard_transform and dequantize_kv_int4 (test/debug ops) run one thread per row
 // on the shared host/device functions.
+#include <type_traits>
+
 #include "../common/device.cuh"
 
 #include "int4_warp.cuh"
@@ -16,7 +18,19 @@ namespace kvcore {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxGenericDim = 512;  // rows of the one-thread-per-row kernels live in local memory
+// Rows of the one-thread-per-row kernels live in local memory, which the driver reserves for every
+// resident thread of the GPU (at 2 KiB per thread, ~550 MB on an H200): bounded by the largest head dim
+// attention accepts, and instantiated per bound so a small head dim reserves little.
+constexpr int kMaxGenericDim = 256;
+
+// Calls f(std::integral_constant<int, Bound>) with the smallest row bound (64, 128 or 256) >= d.
+template <class F>
+void with_row_bound(int64_t d, const char* op, F&& f) {
+  KVCORE_CHECK_VALUE(d <= kMaxGenericDim, op, ": CUDA supports head_dim up to ", kMaxGenericDim, ", got ", d);
+  if (d <= 64) f(std::integral_constant<int, 64>());
+  else if (d <= 128) f(std::integral_constant<int, 128>());
+  else f(std::integral_constant<int, 256>());
+}
 
 __device__ __forceinline__ float load_value(const void* base, int64_t i, DType dtype) {
   if (dtype == DType::Float32) return static_cast<const float*>(base)[i];
@@ -71,7 +85,8 @@ __global__ void append_kv_int4_kernel(AppendKVInt4Args a, DeviceErrorReport* rep
   }
 }
 
-// Any even head_dim up to kMaxGenericDim: one thread per row, the CPU's own functions.
+// Any even head_dim up to MaxD: one thread per row, the CPU's own functions.
+template <int MaxD>
 __global__ void append_kv_int4_generic_kernel(AppendKVInt4Args a, DeviceErrorReport* report) {
   const int64_t rows = a.tokens * a.heads * 2;
   const int64_t capacity = a.num_pages * a.page_size;
@@ -87,7 +102,7 @@ __global__ void append_kv_int4_generic_kernel(AppendKVInt4Args a, DeviceErrorRep
     }
     const void* src = is_v ? a.v : a.k;
     const int64_t src_off = t * (is_v ? a.v_token_stride : a.k_token_stride) + h * (is_v ? a.v_head_stride : a.k_head_stride);
-    float x[kMaxGenericDim];
+    float x[MaxD];
     for (int i = 0; i < d; ++i) x[i] = load_value(src, src_off + i, a.dtype);
     rotate_row(x, d, a.rot.block, a.rot.signs);
     const Int4Cache& cache = is_v ? a.v_cache : a.k_cache;
@@ -97,10 +112,11 @@ __global__ void append_kv_int4_generic_kernel(AppendKVInt4Args a, DeviceErrorRep
   }
 }
 
+template <int MaxD>
 __global__ void hadamard_kernel(HadamardArgs a) {
   const int d = int(a.head_dim);
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
-    float x[kMaxGenericDim];
+    float x[MaxD];
     for (int i = 0; i < d; ++i) x[i] = load_value(a.x, r * a.x_row_stride + i, a.dtype);
     if (a.inverse) unrotate_row(x, d, a.rot.block, a.rot.signs);
     else rotate_row(x, d, a.rot.block, a.rot.signs);
@@ -112,12 +128,13 @@ __global__ void hadamard_kernel(HadamardArgs a) {
   }
 }
 
+template <int MaxD>
 __global__ void dequantize_kernel(DequantizeInt4Args a) {
   const int d = int(a.head_dim);
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
     const uint8_t* codes = a.codes + r * (d / 2);
     const float scale = fp16_to_float(a.params[r * 2]), min = fp16_to_float(a.params[r * 2 + 1]);
-    float x[kMaxGenericDim];
+    float x[MaxD];
     for (int i = 0; i < d; ++i) x[i] = dequant_value(code_at(codes, i), scale, min);
     unrotate_row(x, d, a.rot.block, a.rot.signs);
     for (int i = 0; i < d; ++i) a.out[r * d + i] = x[i];
@@ -133,10 +150,10 @@ unsigned grid_for(int64_t items, int per_block) {
 void hadamard_transform_cuda(const HadamardArgs& a, StreamHandle stream) {
   require_cuda("hadamard_transform");
   if (a.rows == 0) return;
-  KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "hadamard_transform: CUDA supports the last dim up to ",
-                     kMaxGenericDim, ", got ", a.head_dim);
   CudaDeviceGuard guard(a.device.index);
-  launch_kernel(hadamard_kernel, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
+  with_row_bound(a.head_dim, "hadamard_transform", [&](auto bound) {
+    launch_kernel(hadamard_kernel<bound()>, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
+  });
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 
@@ -153,9 +170,9 @@ void append_kv_int4_cuda(const AppendKVInt4Args& a, StreamHandle stream_handle) 
     case 128: launch_kernel(append_kv_int4_kernel<4>, warp_grid, 32 * kWarpsPerBlock, 0, stream, a, report); break;
     case 256: launch_kernel(append_kv_int4_kernel<8>, warp_grid, 32 * kWarpsPerBlock, 0, stream, a, report); break;
     default:
-      KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "append_kv_int4: CUDA supports head_dim up to ",
-                         kMaxGenericDim, ", got ", a.head_dim);
-      launch_kernel(append_kv_int4_generic_kernel, grid_for(rows, 128), 128, 0, stream, a, report);
+      with_row_bound(a.head_dim, "append_kv_int4", [&](auto bound) {
+        launch_kernel(append_kv_int4_generic_kernel<bound()>, grid_for(rows, 128), 128, 0, stream, a, report);
+      });
   }
   KVCORE_CUDA_CHECK_LAUNCH();
   raise_device_errors(stream, "append_kv_int4", {"slot_mapping"});
@@ -164,10 +181,10 @@ void append_kv_int4_cuda(const AppendKVInt4Args& a, StreamHandle stream_handle) 
 void dequantize_kv_int4_cuda(const DequantizeInt4Args& a, StreamHandle stream) {
   require_cuda("dequantize_kv_int4");
   if (a.rows == 0) return;
-  KVCORE_CHECK_VALUE(a.head_dim <= kMaxGenericDim, "dequantize_kv_int4: CUDA supports head_dim up to ",
-                     kMaxGenericDim, ", got ", a.head_dim);
   CudaDeviceGuard guard(a.device.index);
-  launch_kernel(dequantize_kernel, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
+  with_row_bound(a.head_dim, "dequantize_kv_int4", [&](auto bound) {
+    launch_kernel(dequantize_kernel<bound()>, grid_for(a.rows, 128), 128, 0, to_cuda_stream(stream), a);
+  });
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 

@@ -57,14 +57,17 @@ def int4_cache_shapes(num_pages: int, page_size: int, num_kv_heads: int, head_di
     return (num_pages, page_size, num_kv_heads, head_dim // 2), (num_pages, page_size, num_kv_heads, 2)
 
 
-def hadamard_transform(x, block_size=None, signs=None, inverse=False, *, stream=None):
+def hadamard_transform(x, block_size=None, signs=None, inverse=False, *, out=None, stream=None):
     """y = H (s * x) over the last dim (inverse: x = s * (H y)); same shape and dtype (float32,
-    bfloat16, float16). Orthonormal, so the inverse undoes the forward transform."""
+    bfloat16, float16). Orthonormal, so the inverse undoes the forward transform. out: an optional
+    preallocated result of x's shape and dtype (its leading dims viewable as rows without a copy)."""
     d = x.shape[-1]
-    flat = x.reshape(-1, d)
-    out = empty_like(flat, flat.shape, dtype_name(x.dtype))
-    _C.hadamard_transform(flat, out, _block(block_size), signs, bool(inverse), resolve_stream(stream, (x,)))
-    return out.reshape(tuple(x.shape))
+    if out is None:
+        out = empty_like(x, tuple(x.shape), dtype_name(x.dtype))
+    _check_out_shape(out, tuple(x.shape))
+    _C.hadamard_transform(x.reshape(-1, d), out, _block(block_size), signs, bool(inverse),
+                          resolve_stream(stream, (x,)))
+    return out
 
 
 def append_kv_int4(k, v, k_codes, k_params, v_codes, v_params, slot_mapping, *, block_size=None, signs=None,
@@ -77,17 +80,25 @@ def append_kv_int4(k, v, k_codes, k_params, v_codes, v_params, slot_mapping, *, 
                       resolve_stream(stream, (k,)))
 
 
-def dequantize_kv_int4(codes, params, *, block_size=None, signs=None, stream=None):
+def dequantize_kv_int4(codes, params, *, block_size=None, signs=None, out=None, stream=None):
     """Float32 values in the original (un-rotated) basis: codes [..., D/2], params [..., 2] ->
-    [..., D]. For tests and debugging."""
+    [..., D] (into out when given). For tests and debugging."""
     half = codes.shape[-1]
     if tuple(params.shape) != tuple(codes.shape[:-1]) + (2,):
         raise ValueError(f"params: expected shape {tuple(codes.shape[:-1]) + (2,)} (the codes' leading dims, then "
                          f"(scale, min)), got {tuple(params.shape)}")
-    flat_codes, flat_params = codes.reshape(-1, half), params.reshape(-1, 2)
-    out = empty_like(flat_codes, (flat_codes.shape[0], 2 * half), "float32")
-    _C.dequantize_kv_int4(flat_codes, flat_params, out, _block(block_size), signs, resolve_stream(stream, (codes,)))
-    return out.reshape(tuple(codes.shape[:-1]) + (2 * half,))
+    shape = tuple(codes.shape[:-1]) + (2 * half,)
+    if out is None:
+        out = empty_like(codes, shape, "float32")
+    _check_out_shape(out, shape)
+    _C.dequantize_kv_int4(codes.reshape(-1, half), params.reshape(-1, 2), out, _block(block_size), signs,
+                          resolve_stream(stream, (codes,)))
+    return out
+
+
+def _check_out_shape(out, shape) -> None:
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out: expected shape {shape}, got {tuple(out.shape)}")
 
 
 def paged_decode_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, *, block_size=None, signs=None,

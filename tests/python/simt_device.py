@@ -47,7 +47,7 @@ def build():
     done = subprocess.run(configure, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError("configuring the SIMT harness failed:\n" + done.stdout[-3000:] + done.stderr[-3000:])
-    done = subprocess.run(["cmake", "--build", str(BUILD), "--target", "simt_C", "simt_control", "-j",
+    done = subprocess.run(["cmake", "--build", str(BUILD), "--target", "simt_C", "simt_control", "simt_nccl", "-j",
                            str(os.cpu_count() or 2)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError("building the SIMT harness failed:\n" + done.stdout[-6000:] + done.stderr[-3000:])
@@ -68,6 +68,13 @@ def build():
 
 def control():
     return importlib.import_module("kvcore_simt._simt")
+
+
+def load_in_process_nccl() -> None:
+    """Makes the harness's in-process NCCL (tests/simt/nccl, built by build()) the process's
+    libnccl.so.2: kvcore's dlopen of that name then finds it loaded. Call before kvcore_simt first
+    looks for NCCL, in a process of its own (a real kvcore in the same process would find it too)."""
+    ctypes.CDLL(str(BUILD / "modules" / "nccl" / "libnccl.so.2"), mode=ctypes.RTLD_GLOBAL)
 
 
 # --- device arrays -------------------------------------------------------------------------------

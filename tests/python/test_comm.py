@@ -353,7 +353,7 @@ def test_comm_reduce_cuda_needs_cuda():
     with pytest.raises(kvcore.KVCoreError, match="comm_reduce_cuda: CUDA is not available"):
         kvcore._C.comm_reduce_cuda([1 << 20, 2 << 20], 3 << 20, 4, "float32", "sum", 0)
     for call in (lambda: kvcore._C.cuda_stream_create(0), lambda: kvcore._C.cuda_malloc(0, 16),
-                 lambda: kvcore._C.NcclComm(bytes(128), 0, 1, 0)):
+                 lambda: kvcore._C.NcclComm(bytes(128), 0, 1, 0, 30.0)):
         with pytest.raises(kvcore.KVCoreError, match="CUDA is not available"):
             call()
 

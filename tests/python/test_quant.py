@@ -263,6 +263,31 @@ def test_hadamard_torch_and_empty(rng):
     assert empty.shape == (0, 64)
 
 
+def test_hadamard_and_dequantize_into_preallocated_out(rng):
+    """out= (CUDA graphs need fixed buffers): written in place, leading dims viewed as rows without a
+    copy (a strided slice of a bigger array included); shapes that differ or cannot be viewed as
+    rows raise ValueError naming out, before anything is written."""
+    x = rng.standard_normal((3, 4, 64)).astype(F32)
+    big = np.full((3, 4, 128), np.nan, F32)
+    out = big[:, :, 32:96]  # rows with a stride of 128
+    assert kvcore.hadamard_transform(x, 16, out=out) is out
+    assert_same_bits(out, np_rotate(x, 16))
+    assert np.isnan(big[:, :, :32]).all() and np.isnan(big[:, :, 96:]).all()
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 4, 64\)"):
+        kvcore.hadamard_transform(x, 16, out=np.empty((4, 3, 64), F32))
+    transposed = np.full((4, 3, 64), np.nan, F32).transpose(1, 0, 2)  # rows not evenly strided
+    with pytest.raises(ValueError, match="out: its leading dimensions cannot be viewed as rows"):
+        kvcore.hadamard_transform(x, 16, out=transposed)
+    assert np.isnan(transposed).all()
+    codes = rng.integers(0, 256, (3, 2, 32)).astype(np.uint8)
+    params = np.stack([rng.uniform(0, 0.5, (3, 2)), rng.uniform(-4, 0, (3, 2))], -1).astype(np.float16)
+    out = np.full((3, 2, 64), np.nan, F32)
+    assert kvcore.dequantize_kv_int4(codes, params, block_size=64, out=out) is out
+    assert_same_bits(out, np_dequantize(codes, params, 64, None))
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 2, 64\)"):
+        kvcore.dequantize_kv_int4(codes, params, block_size=64, out=np.empty((6, 64), F32))
+
+
 def test_random_signs():
     s = kvcore.random_signs(128, seed=5)
     assert s.dtype == np.float32 and s.shape == (128,)

@@ -339,7 +339,9 @@ class SocketLink(Link):
 
 class NcclLink(Link):
     """NCCL between GPUs: one grouped send/receive per exchange, queued on the caller's stream
-    (asynchronous; finish() waits, bounded by the timeout, and aborts NCCL on expiry). Rank 0
+    (asynchronous; finish() waits, bounded by the timeout, and aborts NCCL on expiry). Setup is
+    bounded by the same timeout: the communicator is non-blocking, so a rank that never joins (or
+    never makes the first, connecting exchange) raises instead of hanging the others. Rank 0
     publishes the NCCL unique id through the store. Option: device (this rank's GPU; default the
     current one). Host buffers (the communicator's status agreement) are staged through the GPU."""
 
@@ -355,7 +357,7 @@ class NcclLink(Link):
             store.set(key, unique_id)
         else:
             unique_id = bytes(store.get(key))
-        self._comm = _C.NcclComm(unique_id, rank, world_size, self.device)
+        self._comm = _C.NcclComm(unique_id, rank, world_size, self.device, timeout)
         self._stream = _C.cuda_stream_create(self.device)  # for host-buffer exchanges
         self._done = _C.cuda_event_create(self.device)
         self._staging = DeviceScratch(self.device)
