@@ -156,17 +156,29 @@ def _register(t, kind: str):
     weakref.finalize(t, ctl.unregister_memory, ptr)
 
 
+RED_ZONE = 256  # bytes on each side of a device array that kernels must not touch
+
+
 def to_device(host) -> DeviceTensor:
     """A device copy of a host torch tensor or numpy array (same shape and strides as a fresh
-    contiguous tensor)."""
+    contiguous tensor), between two red zones: a kernel touching them is reported."""
     import numpy as np
     import torch
 
     if isinstance(host, np.ndarray):
         host = torch.from_numpy(np.ascontiguousarray(host))
-    t = host.detach().clone().contiguous()
+    host = host.detach()
+    nbytes = host.numel() * host.element_size()
+    buf = torch.empty(nbytes + 2 * RED_ZONE, dtype=torch.uint8)
+    t = buf[RED_ZONE:RED_ZONE + nbytes].view(host.dtype).view(host.shape)
+    t.copy_(host)
     dev = DeviceTensor(t)
     _register(t, "device")
+    ctl, start = control(), buf.data_ptr()
+    ctl.add_red_zone(start, RED_ZONE)
+    ctl.add_red_zone(start + RED_ZONE + nbytes, RED_ZONE)
+    weakref.finalize(t, ctl.remove_red_zone, start)
+    weakref.finalize(t, ctl.remove_red_zone, start + RED_ZONE + nbytes)
     return dev
 
 

@@ -33,6 +33,10 @@ NB_MODULE(_simt, m) {
       "Marks host memory [ptr, ptr + bytes) as device memory or pinned host memory of the emulated GPU.");
   m.def("unregister_memory", [](uintptr_t ptr) { simt::unregister_memory(reinterpret_cast<void*>(ptr)); },
         nb::arg("ptr"));
+  m.def("add_red_zone", [](uintptr_t ptr, size_t bytes) { simt::add_red_zone(reinterpret_cast<void*>(ptr), bytes); },
+        nb::arg("ptr"), nb::arg("bytes"), "Bytes no kernel may touch (reported as an out-of-bounds global access).");
+  m.def("remove_red_zone", [](uintptr_t ptr) { simt::remove_red_zone(reinterpret_cast<void*>(ptr)); },
+        nb::arg("ptr"));
 
   m.def(
       "device_view",

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -41,6 +42,8 @@ struct Region {
   bool owned;  // allocated by the emulation (freed by cudaFree / cudaFreeHost)
 };
 std::map<uintptr_t, Region> g_regions;  // by start address
+std::map<uintptr_t, size_t> g_red_zones;  // start -> bytes
+std::atomic<uint64_t> g_red_generation{1};
 
 struct Stream {
   unsigned flags;
@@ -116,10 +119,20 @@ cudaError_t submit(cudaStream_t stream, std::function<void()> work) {
   return cudaSuccess;
 }
 
+// Allocations of the emulation: 256-byte aligned, between two red zones.
+constexpr size_t kGlobalRedZone = 256;
 void* aligned(size_t bytes) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1))) return nullptr;
+  void* base = nullptr;
+  if (posix_memalign(&base, kGlobalRedZone, bytes + 2 * kGlobalRedZone)) return nullptr;
+  char* p = static_cast<char*>(base) + kGlobalRedZone;
+  add_red_zone(base, kGlobalRedZone);
+  add_red_zone(p + bytes, kGlobalRedZone);
   return p;
+}
+void release(void* p, size_t bytes) {
+  remove_red_zone(static_cast<char*>(p) - kGlobalRedZone);
+  remove_red_zone(static_cast<char*>(p) + bytes);
+  std::free(static_cast<char*>(p) - kGlobalRedZone);
 }
 
 }  // namespace
@@ -132,6 +145,28 @@ void unregister_memory(const void* p) {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
   g_regions.erase(uintptr_t(p));
 }
+void add_red_zone(const void* p, size_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  g_red_zones[uintptr_t(p)] = bytes;
+  g_red_generation.fetch_add(1, std::memory_order_relaxed);
+}
+void remove_red_zone(const void* p) {
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  g_red_zones.erase(uintptr_t(p));
+  g_red_generation.fetch_add(1, std::memory_order_relaxed);
+}
+uint64_t red_zone_generation() { return g_red_generation.load(std::memory_order_relaxed); }
+bool find_red_zone(uintptr_t a, size_t n, uintptr_t* zone, size_t* zone_bytes) {
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  auto it = g_red_zones.upper_bound(a + n - 1);  // the first zone starting after the access
+  if (it == g_red_zones.begin()) return false;
+  --it;
+  if (it->first + it->second <= a) return false;
+  *zone = it->first;
+  *zone_bytes = it->second;
+  return true;
+}
+
 MemoryKind memory_kind(const void* p) {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
   auto it = g_regions.upper_bound(uintptr_t(p));
@@ -173,7 +208,7 @@ void replay(const Graph& graph) {
   for (const auto& node : graph.nodes) node();
 }
 Graph::~Graph() {
-  for (void* p : deferred_frees) std::free(p);
+  for (auto [p, bytes] : deferred_frees) release(p, bytes);
 }
 
 std::string last_error_message() { return t_last_message; }
@@ -315,8 +350,9 @@ cudaError_t cudaFree(void* p) {
   auto it = g_regions.find(uintptr_t(p));
   if (it == g_regions.end() || !it->second.owned || it->second.kind != MemoryKind::Device)
     return set_error(cudaErrorInvalidDevicePointer, "cudaFree of a pointer cudaMalloc did not return");
+  const size_t bytes = it->second.bytes;
   g_regions.erase(it);
-  std::free(p);
+  release(p, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
@@ -338,12 +374,13 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (it == g_regions.end() || !it->second.owned)
     return set_error(cudaErrorInvalidDevicePointer, "cudaFreeAsync of a pointer cudaMallocAsync did not return");
   Stream* s = stream_of(stream);
+  const size_t bytes = it->second.bytes;
   g_regions.erase(it);
   if (s && s->capturing) {  // a graph's memory lives as long as the graph: it is replayed later
-    s->graph->deferred_frees.push_back(p);
+    s->graph->deferred_frees.push_back({p, bytes});
     return cudaSuccess;
   }
-  std::free(p);
+  release(p, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
@@ -360,8 +397,9 @@ cudaError_t cudaFreeHost(void* p) {
   auto it = g_regions.find(uintptr_t(p));
   if (it == g_regions.end() || !it->second.owned || it->second.kind != MemoryKind::Pinned)
     return set_error(cudaErrorInvalidValue, "cudaFreeHost of a pointer cudaHostAlloc did not return");
+  const size_t bytes = it->second.bytes;
   g_regions.erase(it);
-  std::free(p);
+  release(p, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned) {

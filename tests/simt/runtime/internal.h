@@ -118,6 +118,13 @@ std::string function_at(const void* pc);
 void shared_begin_cta(Cta& cta);
 // Records an access of the current fiber (or, collective, of its whole warp) and checks it.
 void shared_access(const void* p, size_t bytes, bool write, bool atomic, bool collective, const void* pc);
+// A kernel's access outside shared memory: fails the CTA when it touches a global red zone.
+void global_access(const void* p, size_t bytes, bool write, const void* pc);
+
+// The red-zone registry (cuda_api.cpp). The generation changes whenever a zone comes or goes.
+uint64_t red_zone_generation();
+// The red zone overlapping [a, a + n) (its start and size), if any.
+bool find_red_zone(uintptr_t a, size_t n, uintptr_t* zone, size_t* zone_bytes);
 inline bool in_shared(const Cta* c, const void* p) {
   return c && uintptr_t(p) - uintptr_t(c->arena) < c->arena_bytes;
 }

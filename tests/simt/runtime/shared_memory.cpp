@@ -9,7 +9,9 @@
 #include <dlfcn.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <iterator>
 #include <memory>
 #include <sstream>
 
@@ -228,6 +230,39 @@ void shared_access(const void* p, size_t bytes, bool write, bool atomic, bool co
   }
 }
 
+// 64-byte lines known to hold no red zone, per OS thread (direct-mapped), so that the common global
+// access costs a compare; flushed whenever the red zones change.
+constexpr int kLineBits = 6, kCleanLines = 1024;
+struct CleanLines {
+  uint64_t generation = 0;
+  uintptr_t line[kCleanLines];
+};
+thread_local CleanLines t_clean;
+
+void global_access(const void* p, size_t bytes, bool write, const void* pc) {
+  Cta& c = *t_cta;
+  if (c.failed || bytes == 0) return;
+  const uintptr_t a = uintptr_t(p), first = a >> kLineBits, last = (a + bytes - 1) >> kLineBits;
+  const uint64_t generation = red_zone_generation();
+  if (t_clean.generation != generation) {
+    std::fill(std::begin(t_clean.line), std::end(t_clean.line), ~uintptr_t(0));
+    t_clean.generation = generation;
+  }
+  if (first == last && t_clean.line[first % kCleanLines] == first) return;
+  uintptr_t zone;
+  size_t zone_bytes;
+  if (find_red_zone(a, bytes, &zone, &zone_bytes)) {
+    std::ostringstream s;
+    s << "out-of-bounds global-memory " << (write ? "write" : "read") << " by " << who(c, uint16_t(t_fiber->tid))
+      << ": " << bytes << " byte(s) at 0x" << std::hex << a << std::dec << ", inside a " << zone_bytes
+      << "-byte red zone next to an allocation (" << (a - zone) << " byte(s) into it) at " << code_location(pc);
+    fail(s.str());
+  }
+  for (uintptr_t line = first; line <= last; ++line)
+    if (!find_red_zone(line << kLineBits, size_t(1) << kLineBits, &zone, &zone_bytes))
+      t_clean.line[line % kCleanLines] = line;
+}
+
 }  // namespace simt
 
 // The TSan instrumentation ABI, implemented as the harness's access hook.
@@ -235,7 +270,7 @@ namespace {
 inline void hook(const void* p, size_t n, bool write, const void* pc) {
   simt::Cta* c = simt::t_cta;
   if (__builtin_expect(c == nullptr, 1)) return;
-  if (uintptr_t(p) - uintptr_t(c->arena) >= c->arena_bytes) return;
+  if (uintptr_t(p) - uintptr_t(c->arena) >= c->arena_bytes) return simt::global_access(p, n, write, pc);
   simt::shared_access(p, n, write, false, false, pc);
 }
 }  // namespace

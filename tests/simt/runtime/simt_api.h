@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_runtime_api.h"
@@ -15,6 +16,12 @@ enum class MemoryKind { Pageable, Device, Pinned };
 void register_memory(const void* p, size_t bytes, MemoryKind kind);
 void unregister_memory(const void* p);
 MemoryKind memory_kind(const void* p);
+
+// Global-memory red zones: bytes next to an allocation that no kernel may touch (the emulation's own
+// allocations get one on each side; tests add them around the arrays they hand over). A kernel's
+// access to one is reported as an out-of-bounds global access.
+void add_red_zone(const void* p, size_t bytes);
+void remove_red_zone(const void* p);
 
 struct TraceEntry {
   std::string call;
@@ -34,7 +41,7 @@ void fail_next_call(const std::string& call, int result);
 // Work submitted to a capturing stream, replayable; owns the memory freed inside the capture.
 struct Graph {
   std::vector<std::function<void()>> nodes;
-  std::vector<void*> deferred_frees;
+  std::vector<std::pair<void*, size_t>> deferred_frees;  // (pointer, bytes)
   Graph() = default;
   Graph(const Graph&) = delete;
   Graph& operator=(const Graph&) = delete;

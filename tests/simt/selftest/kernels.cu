@@ -128,6 +128,10 @@ __global__ void dynamic_without_smem(const float* in, float* out) {
   out[threadIdx.x] = smem[threadIdx.x];
 }
 
+__global__ void global_write_past_end(const float* in, float* out) {
+  out[threadIdx.x + 1] = in[threadIdx.x];  // thread 127 writes one past the end of out
+}
+
 struct Case {
   void (*kernel)(const float*, float*);
   unsigned threads;
@@ -149,6 +153,7 @@ const std::map<std::string, Case>& cases() {
       {"wmma_gemm", {wmma_gemm, 32, 256}},
       {"shared_atomics", {shared_atomics, kThreads, 1}},
       {"dynamic_without_smem", {dynamic_without_smem, kThreads, kThreads}},
+      {"global_write_past_end", {global_write_past_end, kThreads, kThreads}},
   };
   return c;
 }
@@ -167,9 +172,18 @@ std::vector<float> run(const std::string& name, std::vector<float> input) {
   const Case& c = it->second;
   input.resize(std::max<size_t>(input.size(), 512), 0.f);
   std::vector<float> out(c.outputs, -777.f);
+  // Device memory of exactly these sizes (between red zones), as a kernel would get it.
+  float *d_in = nullptr, *d_out = nullptr;
+  cudaMalloc(reinterpret_cast<void**>(&d_in), input.size() * sizeof(float));
+  cudaMalloc(reinterpret_cast<void**>(&d_out), out.size() * sizeof(float));
+  cudaMemcpy(d_in, input.data(), input.size() * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemcpy(d_out, out.data(), out.size() * sizeof(float), cudaMemcpyHostToDevice);
   cudaGetLastError();
-  kvcore::launch_kernel(c.kernel, 1, c.threads, 0, nullptr, input.data(), out.data());
+  kvcore::launch_kernel(c.kernel, 1, c.threads, 0, nullptr, static_cast<const float*>(d_in), d_out);
   const cudaError_t err = cudaGetLastError();
+  cudaMemcpy(out.data(), d_out, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(d_in);
+  cudaFree(d_out);
   if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorString(err));
   return out;
 }
