@@ -18,12 +18,16 @@ void register_runtime(nb::module_& m) {
     d["cuda_architectures"] = b.cuda_architectures;
     d["cuda_version"] = b.cuda_version;
     d["compiler"] = b.compiler;
+    d["cuda_driver_minimum"] = b.cuda_compiled ? cuda_driver_minimum(cuda_status().runtime_version) : std::string();
     return d;
   }, "What this build contains: version, whether CUDA was compiled, its architectures and version.");
   m.def("cuda_status", [] {
     CudaStatus s = cuda_status();
     return std::make_tuple(s.available, s.reason);
   }, "(available, reason): whether CUDA ops can run here, and why not. Never raises.");
+  m.def("_cuda_arch_mismatch", &cuda_arch_mismatch, nb::arg("major"), nb::arg("minor"), nb::arg("archs"),
+        "Why a device of that compute capability cannot run a build for `archs`, or ''.");
+  m.def("_cuda_driver_minimum", &cuda_driver_minimum, nb::arg("runtime_version"));
   m.def("_require_cuda", [](const std::string& op) { require_cuda(op.c_str()); },
         "Raises KVCoreError with cuda_status()'s reason when CUDA cannot be used.");
   m.def("dtype_size", [](const std::string& name) { return dtype_size(parse_dtype(name)); }, nb::arg("dtype"),

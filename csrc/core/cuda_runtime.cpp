@@ -58,6 +58,19 @@ std::string driver_error_string(CUresult result) {
          (text ? text : "no description") + ")";
 }
 
+// Why some device cannot run this build's kernels, or "".
+static std::string first_arch_mismatch(int device_count) {
+  for (int d = 0; d < device_count; ++d) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d) != cudaSuccess)
+      continue;
+    const std::string why = cuda_arch_mismatch(major, minor, KVCORE_CUDA_ARCHS);
+    if (!why.empty()) return "device " + std::to_string(d) + ": " + why + "; rebuild with -DKVCORE_CUDA_ARCHITECTURES";
+  }
+  return "";
+}
+
 CudaStatus cuda_status() {
   static CudaStatus status;
   static std::once_flag once;
@@ -70,12 +83,18 @@ CudaStatus cuda_status() {
       s.device_count = 0;
       s.reason = std::string("no usable CUDA driver or device: ") + cudaGetErrorName(err) + " (" +
                  cudaGetErrorString(err) + ")";
-      if (err == cudaErrorInsufficientDriver)
-        s.reason += "; libcuda is missing or older than the CUDA runtime kvcore was built with";
+      if (err == cudaErrorInsufficientDriver) {
+        const std::string minimum = cuda_driver_minimum(s.runtime_version);
+        s.reason += "; libcuda is missing or older than the CUDA " + std::to_string(s.runtime_version / 1000) + "." +
+                    std::to_string(s.runtime_version % 1000 / 10) + " runtime kvcore was built with" +
+                    (minimum.empty() ? std::string() : ", which needs NVIDIA driver >= " + minimum);
+      }
     } else if (s.device_count == 0) {
       s.reason = "the CUDA driver reports no devices";
     } else if (!driver_api().complete) {
       s.reason = "the CUDA driver lacks required entry points: " + driver_api().missing;
+    } else if (std::string mismatch = first_arch_mismatch(s.device_count); !mismatch.empty()) {
+      s.reason = mismatch;
     } else {
       s.available = true;
       s.reason = std::to_string(s.device_count) + " CUDA device(s), driver " +

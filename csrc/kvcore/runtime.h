@@ -25,6 +25,14 @@ struct CudaStatus {
 };
 // Never throws; probes once and caches the answer.
 CudaStatus cuda_status();
+
+// The oldest Linux driver a CUDA runtime version (e.g. 13000) runs on, with minor-version
+// compatibility: "580.65.06" for 13.x, "525.60.13" for 12.x; "" when unknown.
+std::string cuda_driver_minimum(int runtime_version);
+// "" when a device of compute capability major.minor can run a build for `archs` (CMake's list,
+// "80-real,90a-real,90-virtual"): machine code for the same major and an equal or lower minor
+// (an "a" variant only on its exact capability), or PTX of an equal or lower one; else why not.
+std::string cuda_arch_mismatch(int major, int minor, const std::string& archs);
 // Throws KVCoreError with cuda_status()'s reason when CUDA cannot be used.
 void require_cuda(const char* op);
 

@@ -17,6 +17,13 @@ def dtype_name(dtype: Any) -> str:
     return name[6:] if name.startswith("torch.") else name
 
 
+def require_array(x: Any, name: str) -> None:
+    """TypeError naming `name` unless x is an array kvcore can take (DLPack or the numpy interface)."""
+    if not (hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__")):
+        raise TypeError(f"{name}: expected an array (numpy, torch, JAX, CuPy: anything with __dlpack__), "
+                        f"got {type(x).__name__}")
+
+
 def empty_like(like: Any, shape: Sequence[int], dtype: str, what: str = "out"):
     """An uninitialized array of `shape` and kvcore dtype `dtype` in like's framework, on its device."""
     module = type(like).__module__.split(".")[0]

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
-from ._arrays import dtype_name, empty_like
+from ._native import C as _C
+from ._arrays import dtype_name, empty_like, require_array
 from ._streams import resolve_stream
 
 __all__ = ["merge_states", "paged_decode", "paged_prefill", "shared_prefix_decode", "shared_prefix_prefill"]
@@ -46,6 +46,7 @@ def _options(scale: Any, window: Any, soft_cap: Any) -> tuple[float, int, float]
 def _outputs(q: Any, out: Any, return_lse: bool, lse: Any = None):
     """`out` [tokens, Hq, D] and, with return_lse, the float32 LSE [tokens, Hq]: the caller's arrays
     (preallocated, as CUDA graphs need) or new ones next to q. Passing `lse` implies return_lse."""
+    require_array(q, "q")
     if out is None:
         out = empty_like(q, q.shape, _dtype_of(q))
     if lse is None and return_lse:
@@ -123,6 +124,8 @@ def merge_states(o_a, lse_a, o_b, lse_b, *, out=None, lse_out=None, stream=None)
     o_a, o_b: [tokens, heads, D] float32, bfloat16 or float16; lse_a, lse_b: [tokens, heads] float32.
     An empty state (lse = -inf) contributes nothing. Returns (o, lse); `out` may alias o_a.
     """
+    require_array(o_a, "o_a")
+    require_array(lse_a, "lse_a")
     if out is None:
         out = empty_like(o_a, o_a.shape, _dtype_of(o_a))
     if lse_out is None:

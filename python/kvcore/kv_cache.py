@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _C
+from ._native import C as _C
 from ._streams import resolve_stream
 
 

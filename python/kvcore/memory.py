@@ -24,7 +24,7 @@ import sys
 import weakref
 from typing import Any, Callable, Sequence
 
-from . import _C
+from ._native import C as _C
 from ._arrays import dtype_name as _dtype_name
 from ._streams import resolve_stream
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from . import _C
+from ._native import C as _C
 from .kv_cache import copy_pages
 
 __all__ = ["PagedKVMover", "PrefixCache", "PrefixMatch", "PrefetchTicket"]

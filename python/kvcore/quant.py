@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
-from ._arrays import dtype_name, empty_like
+from ._native import C as _C
+from ._arrays import dtype_name, empty_like, require_array
 from ._streams import resolve_stream
 from .attention import _options, _outputs, _result
 
@@ -61,6 +61,7 @@ def hadamard_transform(x, block_size=None, signs=None, inverse=False, *, out=Non
     """y = H (s * x) over the last dim (inverse: x = s * (H y)); same shape and dtype (float32,
     bfloat16, float16). Orthonormal, so the inverse undoes the forward transform. out: an optional
     preallocated result of x's shape and dtype (its leading dims viewable as rows without a copy)."""
+    require_array(x, "x")
     d = x.shape[-1]
     if out is None:
         out = empty_like(x, tuple(x.shape), dtype_name(x.dtype))
@@ -83,6 +84,8 @@ def append_kv_int4(k, v, k_codes, k_params, v_codes, v_params, slot_mapping, *, 
 def dequantize_kv_int4(codes, params, *, block_size=None, signs=None, out=None, stream=None):
     """Float32 values in the original (un-rotated) basis: codes [..., D/2], params [..., 2] ->
     [..., D] (into out when given). For tests and debugging."""
+    require_array(codes, "codes")
+    require_array(params, "params")
     half = codes.shape[-1]
     if tuple(params.shape) != tuple(codes.shape[:-1]) + (2,):
         raise ValueError(f"params: expected shape {tuple(codes.shape[:-1]) + (2,)} (the codes' leading dims, then "

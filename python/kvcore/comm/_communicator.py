@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _C
+from .._native import C as _C
 from .._arrays import dtype_name, empty_like
 from .._streams import resolve_stream
 from ._device import DeviceBytes, DeviceOps, DeviceScratch, HostOps, cuda_array_bytes

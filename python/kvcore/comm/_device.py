@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _C
+from .._native import C as _C
 
 
 class DeviceBytes:

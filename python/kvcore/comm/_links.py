@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from .. import _C
+from .._native import C as _C
 from ._device import DeviceBytes, DeviceScratch, PinnedBuffer, carve, copy_bytes
 
 MiB = 1 << 20

@@ -7,7 +7,7 @@ collective achieves; latencies are per collective on that link.
 
 from __future__ import annotations
 
-from .. import _C
+from .._native import C as _C
 
 GB = 1e9
 _MIN_SLICE = 256 << 10  # below this a PCIe / NIC slice costs more in set-up than it moves

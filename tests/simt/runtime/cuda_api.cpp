@@ -316,6 +316,8 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
   if (device != 0) return set_error(cudaErrorInvalidDevice);
   if (attr == cudaDevAttrMultiProcessorCount) *v = sm_count();
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = int(max_shared_per_block());
+  else if (attr == cudaDevAttrComputeCapabilityMajor) *v = 9;  // the kernels compile as __CUDA_ARCH__ 900
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *v = 0;
   else return set_error(cudaErrorInvalidValue, "attribute not emulated");
   return cudaSuccess;
 }
