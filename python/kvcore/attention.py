@@ -108,8 +108,9 @@ def shared_prefix_decode(q, k_cache, v_cache, prefix_block_table, prefix_lens, g
 def shared_prefix_prefill(q, k_cache, v_cache, prefix_block_table, prefix_lens, group_indptr, block_table,
                           seq_lens, cu_seqlens_q, *, causal=True, scale=None, return_lse=False, out=None, lse=None,
                           window=None, soft_cap=None, stream=None):
-    """Cascade prefill/extend: as shared_prefix_decode, with ragged queries (cu_seqlens_q) that are the
-    last tokens of each request's suffix; they see the whole shared prefix and, causally, their suffix."""
+    """Cascade prefill/extend: as shared_prefix_decode, with ragged queries q [total_q, Hq, D]
+    (cu_seqlens_q int32 [batch + 1]) that are the last tokens of each request's suffix; they see the
+    whole shared prefix and, causally, their suffix -> out [total_q, Hq, D] (and LSE [total_q, Hq])."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)
     _C.attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, lse, scale_, cap, window_,

@@ -51,15 +51,16 @@ def random_signs(head_dim: int, seed: int = 0) -> np.ndarray:
 
 
 def int4_cache_shapes(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int):
-    """(codes shape, params shape) of one INT4 page cache (uint8 and float16 respectively)."""
+    """(codes shape, params shape) of one INT4 page cache: uint8 [num_pages, page_size, Hkv, D/2]
+    (two codes per byte) and float16 [num_pages, page_size, Hkv, 2] (scale, min)."""
     if head_dim % 2:
         raise ValueError(f"head_dim: must be even for INT4 packing, got {head_dim}")
     return (num_pages, page_size, num_kv_heads, head_dim // 2), (num_pages, page_size, num_kv_heads, 2)
 
 
 def hadamard_transform(x, block_size=None, signs=None, inverse=False, *, out=None, stream=None):
-    """y = H (s * x) over the last dim (inverse: x = s * (H y)); same shape and dtype (float32,
-    bfloat16, float16). Orthonormal, so the inverse undoes the forward transform. out: an optional
+    """y = H (s * x) over the last dim: x [..., D] -> y [..., D] (inverse: x = s * (H y)), same dtype
+    (float32, bfloat16, float16); signs: float32 [D] or None. Orthonormal, so the inverse undoes the forward transform. out: an optional
     preallocated result of x's shape and dtype (its leading dims viewable as rows without a copy)."""
     require_array(x, "x")
     d = x.shape[-1]
@@ -118,7 +119,9 @@ def paged_decode_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_
 def paged_prefill_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, *, causal=True,
                        block_size=None, signs=None, scale=None, return_lse=False, out=None, lse=None, window=None,
                        soft_cap=None, stream=None):
-    """paged_prefill over INT4 pages, read directly (no bf16 copy of the cache is rebuilt)."""
+    """paged_prefill over INT4 pages, read directly (no bf16 copy of the cache is rebuilt): q
+    [total_q, Hq, D] bfloat16/float16 -> out [total_q, Hq, D] (and LSE [total_q, Hq]); caches as
+    int4_cache_shapes, cu_seqlens_q int32 [batch + 1]."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, out, lse,
@@ -129,7 +132,8 @@ def paged_prefill_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq
 def shared_prefix_decode_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens, group_indptr,
                               block_table, seq_lens, *, block_size=None, signs=None, scale=None, return_lse=False,
                               out=None, lse=None, window=None, soft_cap=None, stream=None):
-    """shared_prefix_decode over INT4 pages."""
+    """shared_prefix_decode over INT4 pages: q [batch, Hq, D] -> out [batch, Hq, D] (and LSE
+    [batch, Hq]); caches as int4_cache_shapes, tables as shared_prefix_decode."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, None, out, lse,
@@ -141,7 +145,8 @@ def shared_prefix_decode_int4(q, k_codes, k_params, v_codes, v_params, prefix_bl
 def shared_prefix_prefill_int4(q, k_codes, k_params, v_codes, v_params, prefix_block_table, prefix_lens, group_indptr,
                                block_table, seq_lens, cu_seqlens_q, *, causal=True, block_size=None, signs=None,
                                scale=None, return_lse=False, out=None, lse=None, window=None, soft_cap=None, stream=None):
-    """shared_prefix_prefill over INT4 pages."""
+    """shared_prefix_prefill over INT4 pages: q [total_q, Hq, D] -> out [total_q, Hq, D] (and LSE
+    [total_q, Hq]); caches as int4_cache_shapes, tables as shared_prefix_prefill."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, cu_seqlens_q, out, lse,

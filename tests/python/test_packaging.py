@@ -94,3 +94,13 @@ def test_cuda_architecture_check():
     assert ok(9, 0, "90a-real") == "" and ok(10, 0, "90a-real") != ""  # "a" code runs on its own capability only
     assert ok(8, 6, "86") == "" and ok(8, 0, "86") != ""  # "86" alone: code and PTX of 8.6
     assert ok(7, 0, "simt") == ""  # no real architectures listed (the SIMT harness build): nothing to check
+
+
+def test_help_of_every_array_op_shows_shapes():
+    import inspect
+
+    for name in kvcore.__all__:
+        fn = getattr(kvcore, name)
+        if inspect.isfunction(fn):
+            doc = inspect.getdoc(fn) or ""
+            assert re.search(r"\[[^\]]*\]", doc), f"help(kvcore.{name}) shows no shapes:\n{doc}"
