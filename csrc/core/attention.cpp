@@ -30,8 +30,9 @@ AttentionArgs make_common(const TensorView& q, const TensorView& kv_ref, int64_t
   check_dtype(q, {DType::BFloat16, DType::Float16});
   check_ndim(q, 3);
   const int64_t total_q = q.shape[0], hq = q.shape[1], d = q.shape[2];
-  KVCORE_CHECK_VALUE(d == 64 || d == 128 || d == 256, q.name, ": head_dim ", d,
-                     " is not supported (expected 64, 128 or 256)");
+  // The head dims of today's models; the CUDA kernels are instantiated for 64, 128 and 256.
+  KVCORE_CHECK_VALUE(d == 64 || d == 80 || d == 96 || d == 128 || d == 192 || d == 256, q.name, ": head_dim ", d,
+                     " is not supported (expected 64, 80, 96, 128, 192 or 256)");
   KVCORE_CHECK_VALUE(hkv > 0 && hq % hkv == 0, q.name, ": ", hq, " query heads are not a multiple of ", hkv,
                      " kv heads");
   KVCORE_CHECK_VALUE(page_size > 0, kv_ref.name, ": page_size must be positive");

@@ -541,7 +541,9 @@ void dispatch_head_dim(int64_t d, F&& f) {
     case 64: f(std::integral_constant<int, 64>{}); break;
     case 128: f(std::integral_constant<int, 128>{}); break;
     case 256: f(std::integral_constant<int, 256>{}); break;
-    default: KVCORE_THROW(ErrorKind::Value, "head_dim ", d, " is not supported (expected 64, 128 or 256)");
+    default:
+      KVCORE_THROW(ErrorKind::Value, "head_dim ", d, " is not supported by the CUDA kernels (expected 64, 128 or 256; ",
+                   "the CPU backend also takes 80, 96 and 192)");
   }
 }
 

@@ -154,7 +154,7 @@ def poisoned_like(x, dtype=None):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("page_size", [1, 7, 16, 256])
 @pytest.mark.parametrize("heads", list(HEAD_CONFIGS))
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 192, 256])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_paged_attention_matches_reference(rng, mode, head_dim, heads, page_size, dtype):
     hq, hkv = HEAD_CONFIGS[heads]
@@ -537,7 +537,8 @@ SHARED_OPTIONS = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("options", list(SHARED_OPTIONS))
 @pytest.mark.parametrize("heads,head_dim,page_size", [("gqa4", 64, 7), ("mha", 128, 1), ("mqa", 256, 16),
-                                                      ("gqa8", 128, 4)])
+                                                      ("gqa8", 128, 4), ("gqa4", 80, 16), ("gqa8", 96, 7),
+                                                      ("gqa4", 192, 16)])
 @pytest.mark.parametrize("mode", ["decode", "causal", "non_causal"])
 def test_shared_prefix_matches_reference(rng, mode, heads, head_dim, page_size, options, dtype):
     """Several groups of different sizes (one empty, one with prefix_len 0) in one call."""
@@ -629,8 +630,8 @@ COMMON_BAD = [
     (_set(v_cache=lambda a: a["v_cache"].astype(np.float32)), TypeError, "v_cache: dtype float32 does not match q"),
     (_set(block_table=lambda a: a["block_table"].astype(np.int64)), TypeError, "block_table: dtype int64"),
     (_set(seq_lens=lambda a: a["seq_lens"].astype(np.int64)), TypeError, "seq_lens: dtype int64"),
-    (_set(q=lambda a: _f16((a["q"].shape[0], 4, 96)), k_cache=_f16((8, 4, 2, 96)), v_cache=_f16((8, 4, 2, 96)),
-          out=lambda a: _f16((a["q"].shape[0], 4, 96))), ValueError, "q: head_dim 96 is not supported"),
+    (_set(q=lambda a: _f16((a["q"].shape[0], 4, 112)), k_cache=_f16((8, 4, 2, 112)), v_cache=_f16((8, 4, 2, 112)),
+          out=lambda a: _f16((a["q"].shape[0], 4, 112))), ValueError, "q: head_dim 112 is not supported"),
     (_set(q=lambda a: _f16((a["q"].shape[0], 3, 64)), out=lambda a: _f16((a["q"].shape[0], 3, 64))), ValueError,
      "q: 3 query heads are not a multiple of 2 kv heads"),
     (_set(q=lambda a: a["q"][:, 0]), ValueError, "q: expected 3 dimensions"),

@@ -539,3 +539,14 @@ def test_debug_checks_validate_ragged_and_group_metadata(dev, rng, broken):
                 dev.kv.paged_prefill(**plain, out=dev.nan_like(gpu["q"]))
     finally:
         dev.kv.set_debug_checks(False)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 192])
+def test_cuda_kernels_refuse_cpu_only_head_dims(dev, rng, head_dim):
+    """80, 96 and 192 run on the CPU backend; the CUDA kernels say so instead of guessing."""
+    args = paged_case(rng, "float16", batch=2, hq=4, hkv=2, d=head_dim, page_size=8, max_len=20, decode=True)
+    gpu = on_device(dev, args)
+    out = dev.nan_like(gpu["q"])
+    with pytest.raises(ValueError, match=rf"head_dim {head_dim} is not supported by the CUDA kernels"):
+        dev.kv.paged_decode(**gpu, out=out, lse=dev.full((2, 4), NAN, torch.float32))
+    assert np.isnan(to_numpy_f32(out)).all()

@@ -576,6 +576,7 @@ ATTN_CASES = [  # (head_dim, heads, page_size, block, signs)
     (64, "mha", 1, None, False), (64, "gqa4", 7, 16, True), (64, "mqa", 16, 1, False),
     (128, "gqa4", 1, 32, True), (128, "gqa8", 7, None, False), (128, "mha", 16, 64, True),
     (256, "mqa", 1, None, True), (256, "gqa4", 7, 128, False), (256, "gqa8", 16, 256, True),
+    (80, "mha", 16, 16, False), (96, "gqa4", 7, 32, True), (192, "gqa8", 16, 64, True),
 ]
 
 
@@ -915,9 +916,9 @@ def _attn_args(rng, decode, d=64):
 ATTN_BAD = rotation_bad(64) + [
     (_set(q=lambda a: a["q"].astype(F32)), TypeError, "q: dtype float32 is not supported"),
     (_set(q=lambda a: a["q"][:, 0]), ValueError, "q: expected 3 dimensions"),
-    (_set(q=lambda a: np.ones((a["q"].shape[0], 4, 96), np.float16),
-          out=lambda a: np.ones((a["q"].shape[0], 4, 96), np.float16),
-          k_codes=_codes(8, 4, 2, 48), v_codes=_codes(8, 4, 2, 48)), ValueError, "q: head_dim 96 is not supported"),
+    (_set(q=lambda a: np.ones((a["q"].shape[0], 4, 112), np.float16),
+          out=lambda a: np.ones((a["q"].shape[0], 4, 112), np.float16),
+          k_codes=_codes(8, 4, 2, 56), v_codes=_codes(8, 4, 2, 56)), ValueError, "q: head_dim 112 is not supported"),
     (_set(q=lambda a: np.ones((a["q"].shape[0], 3, 64), np.float16),
           out=lambda a: np.ones((a["q"].shape[0], 3, 64), np.float16)),
      ValueError, "q: 3 query heads are not a multiple of 2 kv heads"),
