@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "simd.h"
 #include "kvcore/attention.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
@@ -15,18 +16,12 @@
 namespace kvcore {
 namespace {
 
-constexpr int64_t kTokensPerItem = 16;  // prefill queries per work item
-constexpr int64_t kKeyBlock = 64;       // keys converted and scored together
-
-// Eight independent partial sums, so the compiler can vectorize without reassociating.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+// Work items: about kRowsPerItem query rows (prefill tokens x the GQA group) against all their
+// keys; rows that few (decode) are split over fixed key ranges of kSplitKeys, merged in key order.
+// Both depend only on the shapes, so results do not depend on the number of threads.
+constexpr int64_t kRowsPerItem = 64;
+constexpr int64_t kSplitKeys = 512;
+constexpr int64_t kSplitMaxRows = 16;
 constexpr int64_t kRowsPerPrefixItem = 64;
 
 // Host-side checks of the metadata every kernel trusts.
@@ -78,27 +73,64 @@ struct KeySeq {
   int64_t key_base;      // position of key 0
 };
 
-// Key j's K and V rows as floats: 16-bit pages, or INT4 pages dequantized (rotated basis).
-void load_kv_row(const KeySeq& ks, int64_t j, int64_t kv_head, const AttentionParams& p, float* kf, float* vf) {
-  const PagedKV& kv = *ks.kv;
-  const int64_t page = ks.pages ? ks.pages[j / kv.page_size] : ks.page0;
-  const int64_t row = (j % kv.page_size) * p.num_kv_heads + kv_head;
+// Query rows of one work item as float32 (rotated for INT4), with their positions, and the item's
+// partial state; per thread, reused across calls.
+struct RowBuf {
+  std::vector<float> q, acc, m, l, o;
+  std::vector<int64_t> pos;
+  int64_t qlo = 0, qhi = 0;
+};
+RowBuf& row_buf() {
+  thread_local RowBuf b;
+  return b;
+}
+
+template <class QRow, class QPos>
+void load_rows(const AttentionParams& p, const PagedKV& kv, int64_t rows, QRow q_row, QPos qpos, RowBuf& b) {
   const int64_t d = p.head_dim;
-  if (!kv.int4) {
-    const bool bf16 = p.dtype == DType::BFloat16;
-    cpu::half_row_to_float(static_cast<const uint16_t*>(kv.k) + page * kv.k_page_stride + row * d, kf, d, bf16);
-    cpu::half_row_to_float(static_cast<const uint16_t*>(kv.v) + page * kv.v_page_stride + row * d, vf, d, bf16);
-    return;
+  const size_t n = size_t(rows), dd = size_t(d);
+  if (b.q.size() < n * dd) b.q.resize(n * dd);
+  if (b.acc.size() < n * dd) b.acc.resize(n * dd);
+  if (b.pos.size() < n) b.pos.resize(n), b.m.resize(n), b.l.resize(n);
+  if (b.o.size() < dd) b.o.resize(dd);
+  b.qlo = INT64_MAX;
+  b.qhi = INT64_MIN;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* q = &b.q[size_t(r) * dd];
+    cpu::half_row_to_float(q_row(r), q, d, p.dtype == DType::BFloat16);
+    if (kv.int4) rotate_row(q, int(d), kv.rot_block, kv.rot_signs);  // scores in the rotated basis
+    b.pos[size_t(r)] = qpos(r);
+    b.qlo = std::min(b.qlo, b.pos[size_t(r)]);
+    b.qhi = std::max(b.qhi, b.pos[size_t(r)]);
   }
-  auto dequantize = [&](const uint8_t* codes, int64_t codes_stride, const uint16_t* params, int64_t params_stride,
-                        float* out) {
-    const uint8_t* c = codes + page * codes_stride + row * (d / 2);
-    const uint16_t* prm = params + page * params_stride + row * 2;
-    const float scale = fp16_to_float(prm[0]), min = fp16_to_float(prm[1]);
-    for (int64_t i = 0; i < d; ++i) out[i] = dequant_value(code_at(c, int(i)), scale, min);
-  };
-  dequantize(kv.k_codes, kv.k_codes_page_stride, kv.k_params, kv.k_params_page_stride, kf);
-  dequantize(kv.v_codes, kv.v_codes_page_stride, kv.v_params, kv.v_params_page_stride, vf);
+}
+
+cpu::AttendTask make_task(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t k_lo, int64_t k_hi,
+                          int64_t rows, const RowBuf& b, float* m, float* l, float* acc) {
+  cpu::AttendTask t;
+  t.p = &p;
+  t.kv = ks.kv;
+  t.pages = ks.pages;
+  t.page0 = ks.page0;
+  t.key_base = ks.key_base;
+  t.kv_head = kv_head;
+  t.k_lo = k_lo;
+  t.k_hi = k_hi;
+  t.rows = rows;
+  t.q = b.q.data();
+  t.pos = b.pos.data();
+  t.m = m;
+  t.l = l;
+  t.acc = acc;
+  return t;
+}
+
+// The normalized output of a partial state (back in the natural basis for INT4); returns the LSE.
+float finalize_row(const PagedKV& kv, int64_t d, float m, float l, const float* acc, float* o) {
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+  if (kv.int4) unrotate_row(o, int(d), kv.rot_block, kv.rot_signs);  // V's rotation undone
+  return l > 0.f ? m + std::log(l) : -INFINITY;
 }
 
 // Attention of `rows` query rows that share one KV head over one KV sequence. q_row(r) gives a
@@ -106,63 +138,14 @@ void load_kv_row(const KeySeq& ks, int64_t j, int64_t kv_head, const AttentionPa
 template <class QRow, class QPos, class Emit>
 void attend(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t rows, QRow q_row, QPos qpos,
             Emit emit) {
+  RowBuf& b = row_buf();
+  load_rows(p, *ks.kv, rows, q_row, qpos, b);
+  const KeyRange kr = visible_key_range(ks.num_keys, ks.key_base, b.qlo, b.qhi, p.causal, p.window);
+  cpu::attend_partial(make_task(p, ks, kv_head, kr.lo, kr.hi, rows, b, b.m.data(), b.l.data(), b.acc.data()));
   const int64_t d = p.head_dim;
-  const bool bf16 = p.dtype == DType::BFloat16;
-  const size_t n = static_cast<size_t>(rows), dd = static_cast<size_t>(d);
-  std::vector<float> q(n * dd), acc(n * dd, 0.f), m(n, -INFINITY), l(n, 0.f);
-  std::vector<int64_t> pos(n);
-  int64_t qlo = INT64_MAX, qhi = INT64_MIN;
   for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* src = q_row(r);
-    cpu::half_row_to_float(src, &q[size_t(r) * dd], d, bf16);
-    if (ks.kv->int4) rotate_row(&q[size_t(r * d)], int(d), ks.kv->rot_block, ks.kv->rot_signs);  // scores in the rotated basis
-    pos[size_t(r)] = qpos(r);
-    qlo = std::min(qlo, pos[size_t(r)]);
-    qhi = std::max(qhi, pos[size_t(r)]);
-  }
-  const KeyRange kr = visible_key_range(ks.num_keys, ks.key_base, qlo, qhi, p.causal, p.window);
-  // Keys in blocks: convert a block of K/V rows once, then per row one max, one rescale, and
-  // vectorizable dot products and axpys.
-  const size_t kb = static_cast<size_t>(kKeyBlock);
-  std::vector<float> kblock(kb * dd), vblock(kb * dd), scores(kb);
-  for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, kr.hi - j0);
-    for (int64_t jj = 0; jj < nk; ++jj)
-      load_kv_row(ks, j0 + jj, kv_head, p, &kblock[size_t(jj) * dd], &vblock[size_t(jj) * dd]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* qr = &q[size_t(r) * dd];
-      float block_max = -INFINITY;
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        float sc = -INFINITY;
-        if (key_visible(ks.key_base + j0 + jj, pos[size_t(r)], p.causal, p.window))
-          sc = cap_logit(dot(qr, &kblock[size_t(jj) * dd], d) * p.scale, p.soft_cap);
-        scores[size_t(jj)] = sc;
-        block_max = std::max(block_max, sc);
-      }
-      if (block_max == -INFINITY) continue;
-      float* ar = &acc[size_t(r) * dd];
-      float& mr = m[size_t(r)];
-      if (block_max > mr) {
-        const float correction = std::exp(mr - block_max);  // 0 for the first block (mr = -inf)
-        l[size_t(r)] *= correction;
-        for (int64_t i = 0; i < d; ++i) ar[i] *= correction;
-        mr = block_max;
-      }
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        if (scores[size_t(jj)] == -INFINITY) continue;
-        const float e = std::exp(scores[size_t(jj)] - mr);
-        l[size_t(r)] += e;
-        const float* vr = &vblock[size_t(jj) * dd];
-        for (int64_t i = 0; i < d; ++i) ar[i] += e * vr[i];
-      }
-    }
-  }
-  std::vector<float> o(dd);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float lr = l[size_t(r)];
-    for (int64_t i = 0; i < d; ++i) o[size_t(i)] = lr > 0.f ? acc[size_t(r * d + i)] / lr : 0.f;
-    if (ks.kv->int4) unrotate_row(o.data(), int(d), ks.kv->rot_block, ks.kv->rot_signs);  // V's rotation undone
-    emit(r, o.data(), lr > 0.f ? m[size_t(r)] + std::log(lr) : -INFINITY);
+    const float lse = finalize_row(*ks.kv, d, b.m[size_t(r)], b.l[size_t(r)], &b.acc[size_t(r * d)], b.o.data());
+    emit(r, b.o.data(), lse);
   }
 }
 
@@ -186,30 +169,107 @@ inline KeySeq request_keys(const AttentionArgs& a, int64_t b, int64_t key_base) 
 template <class Emit>
 void paged_attention(const AttentionArgs& a, Emit emit) {
   const AttentionParams& p = a.p;
-  const int64_t group = p.num_q_heads / p.num_kv_heads;
+  const int64_t group = p.num_q_heads / p.num_kv_heads, d = p.head_dim;
+  const int64_t tokens_per_item = std::max<int64_t>(1, kRowsPerItem / group);
   struct Item {
-    int64_t b, kv_head, t0, nt;
+    int64_t b, kv_head, t0, nt, k_lo, k_hi;
+    int64_t state;   // first row of this item's partial state, or -1: not split
+    int64_t splits;  // items of the same rows (on the first of them), 0 on the others
   };
-  std::vector<Item> items;
+  thread_local std::vector<Item> items;
+  items.clear();
+  int64_t state_rows = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const QueryRange qr = query_range(a, b);
-    for (int64_t h = 0; h < p.num_kv_heads; ++h)
-      for (int64_t t = 0; t < qr.count; t += kTokensPerItem)
-        items.push_back({b, h, qr.first + t, std::min(kTokensPerItem, qr.count - t)});
+    const int64_t seq = a.seq_lens[b];
+    for (int64_t t = 0; t < qr.count; t += tokens_per_item) {
+      const int64_t nt = std::min(tokens_per_item, qr.count - t);
+      const KeyRange kr = visible_key_range(seq, 0, seq - qr.count + t, seq - qr.count + t + nt - 1, p.causal,
+                                            p.window);
+      const int64_t splits = nt * group <= kSplitMaxRows ? std::max<int64_t>(1, (kr.hi - kr.lo + kSplitKeys - 1) / kSplitKeys) : 1;
+      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+        if (splits == 1) {
+          items.push_back({b, h, qr.first + t, nt, kr.lo, kr.hi, -1, 1});
+          continue;
+        }
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t lo = kr.lo + sp * kSplitKeys;
+          items.push_back({b, h, qr.first + t, nt, lo, std::min(kr.hi, lo + kSplitKeys), state_rows,
+                           sp == 0 ? splits : 0});
+          state_rows += nt * group;
+        }
+      }
+    }
   }
+  // Partial states of split items: m, l and acc per row.
+  thread_local std::vector<float> st_m, st_l, st_acc;
+  if (int64_t(st_m.size()) < state_rows) st_m.resize(size_t(state_rows)), st_l.resize(size_t(state_rows));
+  if (int64_t(st_acc.size()) < state_rows * d) st_acc.resize(size_t(state_rows * d));
+  float* sm = st_m.data();
+  float* sl = st_l.data();
+  float* sacc = st_acc.data();
+  const Item* all = items.data();
+
   const auto* q = static_cast<const uint16_t*>(a.q);
+  auto token_of = [group](const Item& it, int64_t r) { return it.t0 + r / group; };
+  auto head_of = [group](const Item& it, int64_t r) { return it.kv_head * group + r % group; };
   parallel_for(int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Item it = items[size_t(i)];
+      const Item& it = all[i];
       const QueryRange qr = query_range(a, it.b);
-      const int64_t seq = a.seq_lens[it.b];
-      auto token = [&](int64_t r) { return it.t0 + r / group; };
-      auto head = [&](int64_t r) { return it.kv_head * group + r % group; };
-      attend(
-          p, request_keys(a, it.b, 0), it.kv_head, it.nt * group,
-          [&](int64_t r) { return q + token(r) * a.q_token_stride + head(r) * a.q_head_stride; },
-          [&](int64_t r) { return seq - qr.count + (token(r) - qr.first); },
-          [&](int64_t r, const float* o, float lse) { emit(token(r), head(r), o, lse); });
+      const int64_t seq = a.seq_lens[it.b], rows = it.nt * group;
+      RowBuf& buf = row_buf();
+      load_rows(
+          p, a.kv, rows, [&](int64_t r) { return q + token_of(it, r) * a.q_token_stride + head_of(it, r) * a.q_head_stride; },
+          [&](int64_t r) { return seq - qr.count + (token_of(it, r) - qr.first); }, buf);
+      const KeySeq ks = request_keys(a, it.b, 0);
+      if (it.state >= 0) {
+        cpu::attend_partial(make_task(p, ks, it.kv_head, it.k_lo, it.k_hi, rows, buf, sm + it.state, sl + it.state,
+                                      sacc + it.state * d));
+        continue;
+      }
+      cpu::attend_partial(make_task(p, ks, it.kv_head, it.k_lo, it.k_hi, rows, buf, buf.m.data(), buf.l.data(),
+                                    buf.acc.data()));
+      for (int64_t r = 0; r < rows; ++r) {
+        const float lse =
+            finalize_row(a.kv, d, buf.m[size_t(r)], buf.l[size_t(r)], &buf.acc[size_t(r * d)], buf.o.data());
+        emit(token_of(it, r), head_of(it, r), buf.o.data(), lse);
+      }
+    }
+  });
+  if (state_rows == 0) return;
+
+  // Merge the splits of each item in key order.
+  thread_local std::vector<int64_t> firsts;
+  firsts.clear();
+  for (int64_t i = 0; i < int64_t(items.size()); ++i)
+    if (items[size_t(i)].splits > 1) firsts.push_back(i);
+  const int64_t* first = firsts.data();
+  parallel_for(int64_t(firsts.size()), 16, [&](int64_t begin, int64_t end) {
+    RowBuf& buf = row_buf();
+    if (buf.acc.size() < size_t(d)) buf.acc.resize(size_t(d));
+    if (buf.o.size() < size_t(d)) buf.o.resize(size_t(d));
+    float* acc = buf.acc.data();
+    for (int64_t f = begin; f < end; ++f) {
+      const Item& it0 = all[first[f]];
+      const int64_t rows = it0.nt * group;
+      for (int64_t r = 0; r < rows; ++r) {
+        float m = -INFINITY;
+        for (int64_t sp = 0; sp < it0.splits; ++sp) m = std::max(m, sm[all[first[f] + sp].state + r]);
+        float l = 0.f;
+        for (int64_t i = 0; i < d; ++i) acc[i] = 0.f;
+        if (m != -INFINITY)
+          for (int64_t sp = 0; sp < it0.splits; ++sp) {
+            const int64_t s = all[first[f] + sp].state + r;
+            if (sl[s] == 0.f) continue;
+            const float w = std::exp(sm[s] - m);
+            l += w * sl[s];
+            const float* src = sacc + s * d;
+            for (int64_t i = 0; i < d; ++i) acc[i] += w * src[i];
+          }
+        const float lse = finalize_row(a.kv, d, m, l, acc, buf.o.data());
+        emit(token_of(it0, r), head_of(it0, r), buf.o.data(), lse);
+      }
     }
   });
 }
@@ -221,9 +281,7 @@ void store_row(void* base, int64_t token_stride, int64_t head_stride, int64_t to
     std::copy(o, o + d, static_cast<float*>(base) + off);
     return;
   }
-  uint16_t* dst = static_cast<uint16_t*>(base) + off;
-  const bool bf16 = dtype == DType::BFloat16;
-  for (int64_t i = 0; i < d; ++i) dst[i] = float_to_half(o[i], bf16);
+  cpu::float_row_to_half(o, static_cast<uint16_t*>(base) + off, d, dtype == DType::BFloat16);
 }
 
 void load_row(const void* base, int64_t token_stride, int64_t head_stride, int64_t token, int64_t head, int64_t d,
@@ -233,9 +291,7 @@ void load_row(const void* base, int64_t token_stride, int64_t head_stride, int64
     std::copy(static_cast<const float*>(base) + off, static_cast<const float*>(base) + off + d, o);
     return;
   }
-  const uint16_t* src = static_cast<const uint16_t*>(base) + off;
-  const bool bf16 = dtype == DType::BFloat16;
-  for (int64_t i = 0; i < d; ++i) o[i] = half_to_float(src[i], bf16);
+  cpu::half_row_to_float(static_cast<const uint16_t*>(base) + off, o, d, dtype == DType::BFloat16);
 }
 
 }  // namespace
