@@ -22,6 +22,7 @@ namespace {
 constexpr int64_t kRowsPerItem = 64;
 constexpr int64_t kSplitKeys = 512;
 constexpr int64_t kSplitMaxRows = 16;
+constexpr int64_t kInlineWork = 16384;  // query rows x keys below which a call stays on one thread
 constexpr int64_t kRowsPerPrefixItem = 64;
 
 // Host-side checks of the metadata every kernel trusts.
@@ -178,7 +179,7 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   };
   thread_local std::vector<Item> items;
   items.clear();
-  int64_t state_rows = 0;
+  int64_t state_rows = 0, work = 0;  // work: query rows x keys
   for (int64_t b = 0; b < p.batch; ++b) {
     const QueryRange qr = query_range(a, b);
     const int64_t seq = a.seq_lens[b];
@@ -190,6 +191,7 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
       for (int64_t h = 0; h < p.num_kv_heads; ++h) {
         if (splits == 1) {
           items.push_back({b, h, qr.first + t, nt, kr.lo, kr.hi, -1, 1});
+          work += nt * group * (kr.hi - kr.lo);
           continue;
         }
         for (int64_t sp = 0; sp < splits; ++sp) {
@@ -197,6 +199,7 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
           items.push_back({b, h, qr.first + t, nt, lo, std::min(kr.hi, lo + kSplitKeys), state_rows,
                            sp == 0 ? splits : 0});
           state_rows += nt * group;
+          work += nt * group * (std::min(kr.hi, lo + kSplitKeys) - lo);
         }
       }
     }
@@ -213,7 +216,9 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   const auto* q = static_cast<const uint16_t*>(a.q);
   auto token_of = [group](const Item& it, int64_t r) { return it.t0 + r / group; };
   auto head_of = [group](const Item& it, int64_t r) { return it.kv_head * group + r % group; };
-  parallel_for(int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+  // Small calls run on the calling thread: waking the pool costs more than the work.
+  const int64_t grain = work < kInlineWork ? int64_t(items.size()) : 1;
+  parallel_for(int64_t(items.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = all[i];
       const QueryRange qr = query_range(a, it.b);

@@ -6,8 +6,8 @@
 // A vector type provides: W lanes of float (T), the blocking constants of the micro-kernels, loads
 // and stores, arithmetic, fused multiply-add (a plain multiply and add in the portable build, which
 // is compiled without contraction), lane select, round-to-nearest, 2^n, horizontal sum, and the two
-// conversions (one vector of bfloat16 / float16 to float32; a row of INT4 codes to float32 in the
-// kernel's lane order).
+// conversions (one vector of bfloat16 / float16 to float32; one float16 scalar; INT4 codes to
+// float32 in the kernel's lane order, one vector or a whole row).
 #include "simd.h"
 
 #include <algorithm>
@@ -81,6 +81,18 @@ struct V {
     for (int i = 0; i < W; ++i) r.v[i] = fp16_to_float(p[i]);
     return r;
   }
+  static float fp16(uint16_t h) { return fp16_to_float(h); }
+  // Lanes c .. c + W of a row of codes in the unpacked order (below), for d a multiple of 2W.
+  static T load_int4(const uint8_t* row, int64_t c) {
+    const uint8_t* b = row + (c & ~int64_t(2 * W - 1)) / 2;
+    T r;
+    if (c & W) {
+      for (int i = 0; i < W; ++i) r.v[i] = float(b[i] >> 4);
+    } else {
+      for (int i = 0; i < W; ++i) r.v[i] = float(b[i] & 0xf);
+    }
+    return r;
+  }
   // Codes of d elements (d a multiple of 16) in chunks of 16: the 8 low nibbles (elements 2i), then
   // the 8 high nibbles (elements 2i + 1).
   static void unpack_int4(const uint8_t* src, float* dst, int64_t d) {
@@ -137,6 +149,11 @@ struct V {
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
   static T load_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float fp16(uint16_t h) { return _cvtsh_ss(h); }
+  static T load_int4(const uint8_t* row, int64_t c) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (c & ~int64_t(2 * W - 1)) / 2)));
+    return _mm256_cvtepi32_ps(c & W ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(0xf)));
+  }
   static void unpack_int4(const uint8_t* src, float* dst, int64_t d) {
     const __m256i low = _mm256_set1_epi32(0xf);
     for (int64_t c = 0; c < d; c += 2 * W) {
@@ -192,6 +209,11 @@ struct V {
   }
   static T load_fp16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static float fp16(uint16_t h) { return _cvtsh_ss(h); }
+  static T load_int4(const uint8_t* row, int64_t c) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (c & ~int64_t(2 * W - 1)) / 2)));
+    return _mm512_cvtepi32_ps(c & W ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0xf)));
   }
   // Chunks of 32 elements (16 bytes: 16 low nibbles, then 16 high ones); a last chunk of 16 (when
   // d is an odd multiple of 16) splits 8 / 8, as in the 8-lane builds.
