@@ -85,7 +85,9 @@ class HostVmmBackend final : public VmmBackend {
       void* p;
       {
         ScopedCall call(stats_, "map", run);
-        p = mmap(at, size_t(run * page_bytes_), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
+        // MAP_POPULATE: the page-table entries are filled in one pass here, instead of one fault per
+        // 4 KiB on first touch (which made a prefetch into fresh mappings ~3x slower than a memcpy).
+        p = mmap(at, size_t(run * page_bytes_), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd_,
                  off_t(pages[done]));
       }
       if (p == MAP_FAILED) {
