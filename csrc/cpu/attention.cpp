@@ -19,7 +19,7 @@ namespace {
 // Work items: about kRowsPerItem query rows (prefill tokens x the GQA group) against all their
 // keys; rows that few (decode) are split over fixed key ranges of kSplitKeys, merged in key order.
 // Both depend only on the shapes, so results do not depend on the number of threads.
-constexpr int64_t kRowsPerItem = 64;
+constexpr int64_t kRowsPerItem = 128;
 constexpr int64_t kSplitKeys = 512;
 constexpr int64_t kSplitMaxRows = 16;
 constexpr int64_t kInlineWork = 16384;  // query rows x keys below which a call stays on one thread
@@ -183,7 +183,9 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const QueryRange qr = query_range(a, b);
     const int64_t seq = a.seq_lens[b];
-    for (int64_t t = 0; t < qr.count; t += tokens_per_item) {
+    // Last tokens first: under a causal mask they see the most keys, and the pool hands out work in
+    // order, so the longest items start first.
+    for (int64_t t = (qr.count - 1) / tokens_per_item * tokens_per_item; t >= 0; t -= tokens_per_item) {
       const int64_t nt = std::min(tokens_per_item, qr.count - t);
       const KeyRange kr = visible_key_range(seq, 0, seq - qr.count + t, seq - qr.count + t + nt - 1, p.causal,
                                             p.window);

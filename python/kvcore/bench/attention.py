@@ -22,10 +22,16 @@ CUDA (bf16, Hq/Hkv = 32/8, D = 128, page 16; the cache pages of each request are
   works. Each row's peer is the fastest correct one; all peer times are in `extra.peers_us`.
   Shapes whose memory would exceed ~100 GiB (or the free device memory) are skipped with a note.
 
-CPU (float16, Hq/Hkv = 8/2, D = 128, page 16; small shapes, quick and full alike): decode B=4 x 1K
-(full: also 16 x 1K and 4 x 4K), prefill 256 tokens, extend 64 on 192 cached, shared prefix B=16 with a
-1K prefix and 16-token suffixes. Peers: numpy float32 on gathered KV and torch SDPA (when torch is
-importable); % of a float32 numpy matmul for prefill. No goals on the CPU.
+CPU (Hq/Hkv = 8/2, D = 128, page 16): decode B=4 x 1K fp16, 8 x 2K fp16 and bf16 (full: also 16 x 1K,
+4 x 4K, 16 x 2K fp16/bf16); attn-tiny (B=1, 16 keys, numpy arrays: per-call overhead); prefill 256 and
+512 causal, extend 64 on 192 cached (full: also 256 on 1792); shared prefix B=16 with a 1K prefix and
+16-token suffixes. Decode peers: torch SDPA with the gather of the paged KV into contiguous
+[B, Hkv, L, D] counted in its time ("torch sdpa+gather"; the same without the gather is in
+`extra.peers_us`) and numpy float32 on KV gathered beforehand. Prefill peers: numpy and torch SDPA on
+contiguous KV. References: the copy bandwidth (np.copyto, printed first) and a float32 numpy matmul
+(1024^3). Goals: decode at B x context >= 8 x 2K >= 70% of the copy bandwidth and >= 1.5x torch
+sdpa+gather; prefill 512 causal >= 50% of the matmul rate and >= 1x torch SDPA; attn-tiny within 2x
+of one torch SDPA call. float32 KV is not an attention dtype of kvcore.
 
 Every case is checked first: kvcore's output against a reference computed in float32 (CUDA, on a few
 requests for the large shapes) or float64 numpy (CPU) from the same 16-bit inputs, with a maximum
@@ -51,6 +57,13 @@ DECODE_GOAL_PCT = 85.0       # % of copy bandwidth at B x context >= 64 x 4K
 SMALL_DECODE_GOAL_PCT = 60.0  # ... at 16 x 1K
 PREFILL_GOAL_PCT = 50.0      # % of the dense bf16 matmul rate
 SHARED_GOAL_X = 10.0         # shared-prefix decode vs the same requests unshared
+# CPU goals (issue 16): decode at B x context >= 8 x 2K, prefill at 512 causal, a tiny decode's overhead
+DECODE_CPU_GOAL_TOKENS = 8 * 2048
+DECODE_CPU_GOAL_PCT = 70.0   # % of the measured copy bandwidth
+DECODE_CPU_GOAL_X = 1.5      # x torch sdpa with the gather counted
+PREFILL_CPU_GOAL_TOKENS = 512
+PREFILL_CPU_GOAL_PCT = 50.0  # % of the float32 numpy matmul rate
+TINY_GOAL_X = 2.0            # B=1, 16 keys: at most this many times a torch sdpa call
 GATHER_NOTE = "sdpa / flex peers run on KV pre-gathered into contiguous [B, Hkv, L, D]; gather not timed"
 
 
@@ -640,6 +653,7 @@ class _CpuBench:
         self.torch = dev.torch
         self.notes: list[str] = []
         self._matmul: float | None = None
+        self._copy: float | None = None
 
     def randn(self, *shape) -> np.ndarray:
         return self.rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
@@ -680,38 +694,111 @@ class _CpuBench:
                 self.notes.append(f"peer {name} left out: {type(e).__name__}: {str(e)[:160]}")
         return times
 
-    def decode(self, batch: int, ctx: int) -> Row:
-        s, g = self.s, self.s.group
-        case = f"B={batch} L={_k(ctx)} {s.desc()} ps{s.page} fp16"
+    def kv_arrays(self, batch: int, ctx: int, dtype: str):
+        """(q, k, v, block_table, their float32 numpy values): numpy float16, or torch bfloat16."""
         k, v, bt = self.pages(batch, ctx)
+        q = self.randn(batch, self.s.hq, self.s.d)
+        if dtype == "float16":
+            return q, k, v, bt, (q, k, v)
+        torch = self.torch
+        q, k, v = (torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16) for x in (q, k, v))
+        return q, k, v, bt, tuple(x.float().numpy() for x in (q, k, v))
+
+    def decode(self, batch: int, ctx: int, dtype: str = "float16") -> Row | None:
+        s, g = self.s, self.s.group
+        tag = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+        case = f"B={batch} L={_k(ctx)} {s.desc()} ps{s.page} {tag}"
+        if dtype == "bfloat16" and self.torch is None:
+            self.notes.append(f"attn-decode {case}: skipped (bfloat16 arrays need torch)")
+            return None
+        q, k, v, bt, (qf, kf, vf) = self.kv_arrays(batch, ctx, dtype)
         seq_lens = np.full(batch, ctx, np.int32)
-        q = self.randn(batch, s.hq, s.d)
-        out = np.empty_like(q)
-        kvcore.paged_decode(q, k, v, bt, seq_lens, out=out)
-        kg, vg = _gather_np(k, bt, ctx), _gather_np(v, bt, ctx)
-        ref = _ref_np_decode(q, kg, vg, s)
-        errs = {"kvcore": self.check(f"paged_decode {case}", out, ref)}
+        out = kvcore.paged_decode(q, k, v, bt, seq_lens)
+        kg, vg = _gather_np(kf, bt, ctx), _gather_np(vf, bt, ctx)
+        ref = _ref_np_decode(qf, kg, vg, s)
+        got = out.float().numpy() if dtype == "bfloat16" else out
+        errs = {"kvcore": self.check(f"paged_decode {case}", got, ref)}
 
         def verify(name, got):
             errs[name] = self.check(f"peer {name} {case}", np.asarray(got, np.float64).reshape(batch, s.hq, s.d), ref)
 
-        q32, k32, v32 = (x.astype(np.float32) for x in (q, kg, vg))
+        q32, k32, v32 = (x.astype(np.float32) for x in (qf, kg, vg))
         q4, k32t = q32.reshape(batch, s.hkv, g, s.d), np.ascontiguousarray(k32.transpose(0, 1, 3, 2))
         cands: dict[str, Callable[[], Any]] = {
             "numpy fp32/gathered": lambda: _softmax_av(q4 @ k32t * np.float32(s.scale), v32)}
+        pregathered: dict[str, Callable[[], Any]] = {}
         if self.torch is not None:
-            F = self.torch.nn.functional
-            tq, tk, tv = (self.torch.from_numpy(x) for x in (q.reshape(batch, s.hkv, g, s.d), kg, vg))
-            cands["torch sdpa/gathered"] = lambda: F.scaled_dot_product_attention(tq, tk, tv).numpy()
+            torch, F = self.torch, self.torch.nn.functional
+            tq = q.reshape(batch, s.hkv, g, s.d) if dtype == "bfloat16" else torch.from_numpy(q).reshape(
+                batch, s.hkv, g, s.d)
+            tkc = k if dtype == "bfloat16" else torch.from_numpy(k)
+            tvc = v if dtype == "bfloat16" else torch.from_numpy(v)
+            btl = torch.from_numpy(bt).long()
+            per = bt.shape[1]
+
+            def gather(cache):  # [B, Hkv, L, D] contiguous, as SDPA wants it
+                return cache[btl].reshape(batch, per * s.page, s.hkv, s.d)[:, :ctx].transpose(1, 2).contiguous()
+
+            cands["torch sdpa+gather"] = lambda: F.scaled_dot_product_attention(tq, gather(tkc), gather(tvc)).float()
+            tk, tv = gather(tkc), gather(tvc)
+            pregathered["torch sdpa (gather not timed)"] = lambda: F.scaled_dot_product_attention(tq, tk, tv).float()
         times = self.peers(cands, verify)
+        side = self.peers(pregathered, verify)
         t = self.dev.time(lambda: kvcore.paged_decode(q, k, v, bt, seq_lens, out=out))
-        nbytes = batch * ctx * s.hkv * s.d * 2 * 2 + 2 * q.nbytes
+        nbytes = batch * ctx * s.hkv * s.d * 2 * 2 + 2 * batch * s.hq * s.d * 2
         peer = min(times, key=times.get) if times else ""
         peer_t = times.get(peer)
-        extra = {"batch": batch, "context": ctx, "peers_us": {n: round(x * 1e6, 1) for n, x in times.items()},
-                 "max_rel_err": {n: float(f"{e:.3g}") for n, e in errs.items()}, "peer_note": GATHER_NOTE}
-        return Row("attn-decode", case, "cpu", t * 1e6, nbytes / t / 1e9, peer, peer_t and peer_t * 1e6,
+        gbps = nbytes / t / 1e9
+        extra: dict[str, Any] = {
+            "batch": batch, "context": ctx, "dtype": dtype,
+            "peers_us": {n: round(x * 1e6, 1) for n, x in {**times, **side}.items()},
+            "max_rel_err": {n: float(f"{e:.3g}") for n, e in errs.items()},
+            "peer_note": "torch sdpa+gather: the paged KV gathered into contiguous [B, Hkv, L, D] inside the timed "
+                         "call (GQA as packed query rows); numpy fp32 on KV gathered beforehand"}
+        copy = self.copy_gbps()
+        extra["pct_copy"] = round(100 * gbps / copy, 1)
+        sdpa_t = times.get("torch sdpa+gather")
+        if sdpa_t:
+            extra["x_torch_sdpa_gather"] = round(sdpa_t / t, 2)
+        if batch * ctx >= DECODE_CPU_GOAL_TOKENS:
+            x = f"{sdpa_t / t:.2f}x" if sdpa_t else "no torch"
+            extra.update(goal=f">= {DECODE_CPU_GOAL_PCT:g}% of copy bandwidth (got {extra['pct_copy']}%) and >= "
+                              f"{DECODE_CPU_GOAL_X:g}x torch sdpa+gather (got {x})",
+                         goal_met=bool(extra["pct_copy"] >= DECODE_CPU_GOAL_PCT and sdpa_t
+                                       and sdpa_t / t >= DECODE_CPU_GOAL_X))
+        return Row("attn-decode", case, "cpu", t * 1e6, gbps, peer, peer_t and peer_t * 1e6,
                    peer_t and nbytes / peer_t / 1e9, extra)
+
+    def copy_gbps(self) -> float:
+        if self._copy is None:
+            self._copy = copy_bandwidth(self.dev)
+        return self._copy
+
+    def tiny(self) -> Row | None:
+        """Per-call overhead: B=1, 16 keys, numpy arrays, against a torch SDPA call of the same size."""
+        s, g = self.s, self.s.group
+        case = f"B=1 L=16 {s.desc()} fp16 numpy"
+        k, v, bt = self.pages(1, 16)
+        seq_lens = np.full(1, 16, np.int32)
+        q = self.randn(1, s.hq, s.d)
+        out = np.empty_like(q)
+        kvcore.paged_decode(q, k, v, bt, seq_lens, out=out)
+        ref = _ref_np_decode(q, _gather_np(k, bt, 16), _gather_np(v, bt, 16), s)
+        self.check(f"paged_decode {case}", out, ref)
+        t = self.dev.time(lambda: kvcore.paged_decode(q, k, v, bt, seq_lens, out=out), min_time=0.3, max_reps=20000)
+        extra: dict[str, Any] = {"batch": 1, "context": 16}
+        peer, peer_t = "", None
+        if self.torch is not None:
+            torch, F = self.torch, self.torch.nn.functional
+            tq = torch.from_numpy(q).reshape(1, s.hkv, g, s.d)
+            tk, tv = (torch.from_numpy(_gather_np(x, bt, 16)) for x in (k, v))
+            self.check(f"torch sdpa {case}", F.scaled_dot_product_attention(tq, tk, tv).numpy().reshape(1, s.hq, s.d)
+                       .astype(np.float64), ref)
+            peer = "torch sdpa (1 call)"
+            peer_t = self.dev.time(lambda: F.scaled_dot_product_attention(tq, tk, tv), min_time=0.3, max_reps=20000)
+            extra.update(goal=f"within {TINY_GOAL_X:g}x of a torch sdpa call (got {t / peer_t:.2f}x its time)",
+                         goal_met=bool(t <= TINY_GOAL_X * peer_t))
+        return Row("attn-tiny", case, "cpu", t * 1e6, 0.0, peer, peer_t and peer_t * 1e6, None, extra)
 
     def prefill(self, new: int, cached: int) -> Row:
         s, g = self.s, self.s.group
@@ -768,12 +855,20 @@ class _CpuBench:
         self.notes.append(f"{bench} {case}: kvcore {gf:.2f} GFLOP/s = {100 * gf / mm:.1f}% of a float32 numpy "
                           f"matmul ({mm:.1f} GFLOP/s)"
                           + (f"; best peer {peer} {flops / peer_t / 1e9:.2f} GFLOP/s" if peer_t else ""))
-        extra = {"new_tokens": new, "cached_tokens": cached, "flops": flops, "tflops": round(gf / 1e3, 5),
-                 "matmul_tflops": round(mm / 1e3, 5), "matmul": "float32 numpy 1024^3",
-                 "pct_matmul": round(100 * gf / mm, 2),
-                 "peer_tflops": {n: round(flops / x / 1e12, 5) for n, x in times.items()},
-                 "peers_us": {n: round(x * 1e6, 1) for n, x in times.items()},
-                 "max_rel_err": {n: float(f"{e:.3g}") for n, e in errs.items()}}
+        extra: dict[str, Any] = {
+            "new_tokens": new, "cached_tokens": cached, "flops": flops, "tflops": round(gf / 1e3, 5),
+            "matmul_tflops": round(mm / 1e3, 5), "matmul": "float32 numpy 1024^3",
+            "pct_matmul": round(100 * gf / mm, 2),
+            "peer_tflops": {n: round(flops / x / 1e12, 5) for n, x in times.items()},
+            "peers_us": {n: round(x * 1e6, 1) for n, x in times.items()},
+            "max_rel_err": {n: float(f"{e:.3g}") for n, e in errs.items()},
+            "peer_note": "peers on contiguous KV gathered beforehand (GQA heads repeated for torch)"}
+        sdpa_t = times.get("torch sdpa/gathered")
+        if not cached and new >= PREFILL_CPU_GOAL_TOKENS:
+            x = f"{sdpa_t / t:.2f}x" if sdpa_t else "no torch"
+            extra.update(goal=f">= {PREFILL_CPU_GOAL_PCT:g}% of the float32 numpy matmul rate (got "
+                              f"{100 * gf / mm:.1f}%) and >= 1x torch sdpa on contiguous KV (got {x})",
+                         goal_met=bool(100 * gf / mm >= PREFILL_CPU_GOAL_PCT and sdpa_t and sdpa_t >= t))
         return Row(bench, case, "cpu", t * 1e6, nbytes / t / 1e9, peer, peer_t and peer_t * 1e6,
                    peer_t and nbytes / peer_t / 1e9, extra)
 
@@ -821,9 +916,17 @@ class _CpuBench:
                    t_plain * 1e6, plain_bytes / t_plain / 1e9, extra)
 
     def run(self, quick: bool) -> list[Row]:
-        rows = [self.decode(b, c) for b, c in ([(4, 1024)] if quick else [(4, 1024), (16, 1024), (4, 4096)])]
-        rows += [self.prefill(256, 0), self.prefill(64, 192)]
+        decodes = [(4, 1024, "float16"), (8, 2048, "float16"), (8, 2048, "bfloat16")]
+        if not quick:
+            decodes += [(16, 1024, "float16"), (4, 4096, "float16"), (16, 2048, "float16"), (16, 2048, "bfloat16")]
+        rows = [self.decode(b, c, dt) for b, c, dt in decodes]
+        rows.append(self.tiny())
+        rows += [self.prefill(256, 0), self.prefill(512, 0), self.prefill(64, 192)]
+        if not quick:
+            rows.append(self.prefill(256, 1792))
         rows.append(self.shared(16, 1024, 16))
+        rows = [r for r in rows if r is not None]
+        self.notes.append("float32 KV: not a kvcore attention dtype (bfloat16 / float16 only), so no fp32 row")
         for n in self.notes:
             print(f"attention [cpu]: {n}")
         return rows
