@@ -485,9 +485,9 @@ def _offload_rows(ops: _Ops, rng: np.random.Generator, quick: bool, reps: int) -
         t = statistics.median(seconds)
         pct = 100 * peer_t / t
         extra: dict[str, Any] = {"pages": n, "bytes": nbytes, "pct_of_peer": round(pct, 1)}
-        if ops.cuda:  # the goal is for an H200; on the CPU the figures are for reference
-            extra.update(goal=f"{name} >= {COPY_GOAL_PCT:g}% of the {peer} bandwidth", goal_pct=COPY_GOAL_PCT,
-                         goal_met=pct >= COPY_GOAL_PCT)
+        # the same goal on both backends: at least COPY_GOAL_PCT of the plain copy (pinned memcpy / np.copyto)
+        extra.update(goal=f"{name} >= {COPY_GOAL_PCT:g}% of the {peer} bandwidth (got {pct:.0f}%)",
+                     goal_pct=COPY_GOAL_PCT, goal_met=bool(pct >= COPY_GOAL_PCT))
         if name == "offload":
             release = statistics.median(release_s)
             extra["release_us"] = round(release * 1e6, 1)  # CUDA: deferred unmap of the copied pages
