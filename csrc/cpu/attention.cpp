@@ -183,6 +183,7 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const QueryRange qr = query_range(a, b);
     const int64_t seq = a.seq_lens[b];
+    if (qr.count == 0) continue;
     // Last tokens first: under a causal mask they see the most keys, and the pool hands out work in
     // order, so the longest items start first.
     for (int64_t t = (qr.count - 1) / tokens_per_item * tokens_per_item; t >= 0; t -= tokens_per_item) {

@@ -24,6 +24,12 @@
 #include <immintrin.h>
 #endif
 
+// GCC 12's AVX-512 intrinsics start from `__m512 __Y = __Y;` (an undefined vector), which
+// -Wmaybe-uninitialized reports once they are inlined here under the sanitizers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace kvcore::cpu {
 
 // --- portable build --------------------------------------------------------------------------------
