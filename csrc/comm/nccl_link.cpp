@@ -69,17 +69,17 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
   nccl::Comm comm = nullptr;
   nccl::Result r = api.CommInitRankConfig(&comm, world_size, id, rank, &config);
   if (r == nccl::kInProgress) r = wait_until_ready(api, comm, deadline);
-  if (r != nccl::kSuccess && comm) {
-    const char* detail = api.GetLastError ? api.GetLastError(comm) : nullptr;
-    const std::string why = detail && *detail ? std::string(": ") + detail : std::string();
+  if (r == nccl::kInProgress) {
     api.CommAbort(comm);
-    KVCORE_CHECK(r != nccl::kInProgress, "ncclCommInitRank: not every rank joined within ", timeout_s, " s (rank ",
-                 rank, " of ", world_size, "); the communicator was aborted");
-    const char* text = api.GetErrorString(r);
-    KVCORE_THROW(ErrorKind::Runtime, "ncclCommInitRank failed: ", text ? text : "unknown NCCL error",
-                 " (ncclResult_t ", r, ")", why);
+    KVCORE_THROW(ErrorKind::Runtime, "ncclCommInitRank: not every rank joined within ", timeout_s, " s (rank ", rank,
+                 " of ", world_size, "); the communicator was aborted");
   }
-  nccl::check(r, "ncclCommInitRank");
+  try {
+    nccl::check(r, "ncclCommInitRank", comm);  // reads NCCL's last error before the abort frees it
+  } catch (...) {
+    if (comm) api.CommAbort(comm);
+    throw;
+  }
   comm_ = comm;
 }
 

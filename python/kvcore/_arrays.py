@@ -17,11 +17,21 @@ def dtype_name(dtype: Any) -> str:
     return name[6:] if name.startswith("torch.") else name
 
 
+def is_array(x: Any) -> bool:
+    """Whether kvcore can take x as an array (DLPack, the numpy interface or a buffer)."""
+    return hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__") or isinstance(x, memoryview)
+
+
+def not_an_array(x: Any, name: str) -> str:
+    """The message for an argument `name` that should have been an array."""
+    return (f"{name}: expected an array (numpy, torch, JAX, CuPy: anything with __dlpack__), "
+            f"got {type(x).__name__}")
+
+
 def require_array(x: Any, name: str) -> None:
-    """TypeError naming `name` unless x is an array kvcore can take (DLPack or the numpy interface)."""
-    if not (hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__")):
-        raise TypeError(f"{name}: expected an array (numpy, torch, JAX, CuPy: anything with __dlpack__), "
-                        f"got {type(x).__name__}")
+    """TypeError naming `name` unless x is an array kvcore can take."""
+    if not is_array(x):
+        raise TypeError(not_an_array(x, name))
 
 
 def empty_like(like: Any, shape: Sequence[int], dtype: str, what: str = "out"):

@@ -9,6 +9,7 @@ import re
 from typing import Any, Callable
 
 from . import _C as _extension
+from ._arrays import is_array, not_an_array
 
 _SIGNATURE = re.compile(r"def \w+\((.*)\)\s*->")
 
@@ -51,19 +52,14 @@ def _is_jax(x: Any) -> bool:
     return type(x).__module__.split(".")[0] in ("jax", "jaxlib")
 
 
-def _is_array(x: Any) -> bool:
-    return hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__") or isinstance(x, memoryview)
-
-
 def _why(p: _Param, value: Any) -> str | None:
     """What is wrong with `value` for parameter p, or None when it looks acceptable."""
     got = type(value).__name__
     if value is None:
         return None if p.optional else f"{p.name}: expected an array, got None" if p.array else None
     if p.array:
-        if not _is_array(value):
-            return (f"{p.name}: expected an array (numpy, torch, JAX, CuPy: anything with __dlpack__), "
-                    f"got {got}")
+        if not is_array(value):
+            return not_an_array(value, p.name)
         flags = getattr(value, "flags", None)
         if p.output and flags is not None and not getattr(flags, "writeable", True):
             return f"{p.name}: the array is read-only, but kvcore writes its result there"

@@ -60,8 +60,9 @@ def int4_cache_shapes(num_pages: int, page_size: int, num_kv_heads: int, head_di
 
 def hadamard_transform(x, block_size=None, signs=None, inverse=False, *, out=None, stream=None):
     """y = H (s * x) over the last dim: x [..., D] -> y [..., D] (inverse: x = s * (H y)), same dtype
-    (float32, bfloat16, float16); signs: float32 [D] or None. Orthonormal, so the inverse undoes the forward transform. out: an optional
-    preallocated result of x's shape and dtype (its leading dims viewable as rows without a copy)."""
+    (float32, bfloat16, float16); signs: float32 [D] or None. Orthonormal, so the inverse undoes the
+    forward transform. out: an optional preallocated result of x's shape and dtype (its leading dims
+    viewable as rows without a copy)."""
     require_array(x, "x")
     d = x.shape[-1]
     if out is None:

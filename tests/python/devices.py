@@ -81,5 +81,10 @@ class SimtDevice:
         assert not errors, "the SIMT harness reported kernel errors:\n" + "\n".join(errors)
 
 
+def on_device(dev, args: dict) -> dict:
+    """Keyword arguments with every host array (numpy or torch) moved to dev; the rest unchanged."""
+    return {k: (dev.put(v) if isinstance(v, (np.ndarray, dev.torch.Tensor)) else v) for k, v in args.items()}
+
+
 def make(name: str):
     return CudaDevice() if name == "cuda" else SimtDevice()

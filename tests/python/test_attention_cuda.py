@@ -12,6 +12,7 @@ import pytest
 
 import kvcore
 from arrays import random_array, to_numpy_f32
+from devices import on_device
 from test_attention import (
     HEAD_CONFIGS,
     OPTION_SETS,
@@ -36,10 +37,6 @@ TOL = {
 }
 LSE_TOL = dict(atol=1e-3, rtol=1e-3)
 NAN = float("nan")
-
-
-def on_device(dev, args: dict) -> dict:
-    return {k: (dev.put(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
 def dtype_of(x) -> str:

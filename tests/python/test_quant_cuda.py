@@ -11,6 +11,7 @@ import pytest
 
 import kvcore
 from arrays import POISON, bits, random_array, to_numpy_f32
+from devices import on_device
 from test_attention import (
     HEAD_CONFIGS,
     OPTION_SETS,
@@ -48,10 +49,6 @@ NAN = float("nan")
 def put(dev, x):
     """numpy / torch CPU arrays -> the device's arrays; None unchanged."""
     return None if x is None else dev.put(x)
-
-
-def on_device(dev, args: dict) -> dict:
-    return {k: (dev.put(v) if isinstance(v, (np.ndarray, torch.Tensor)) else v) for k, v in args.items()}
 
 
 def host_bits(dev, x) -> np.ndarray:
