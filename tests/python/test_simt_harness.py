@@ -63,6 +63,54 @@ def test_wmma_matches_a_float64_product(ctl, rng):
     np.testing.assert_allclose(got, a @ b + 0.5, rtol=1e-5, atol=1e-4)
 
 
+def to_bits16(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the 16-bit type (round to nearest even) -> float64."""
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ldmatrix_and_mma_compute_the_isa_product(ctl, rng, dtype):
+    """The FA2 operand idiom (A by ldmatrix.x4, B by ldmatrix.x2 from [n][k] rows and by .trans from
+    [k][n] rows, staged with cp.async) gives D = A B + C through mma.sync m16n8k16."""
+    x = fresh(rng)
+    a = to_bits16(x[:256], dtype).reshape(16, 16)
+    b = to_bits16(x[256:384], dtype).reshape(8, 16).T  # stored as [n][k]
+    c = x[384:512].astype(np.float64).reshape(16, 8)
+    want = a @ b + c
+    got = np.array(ctl.selftest("ldmatrix_mma_" + ("f16" if dtype == "float16" else "bf16"), x.tolist()))
+    np.testing.assert_allclose(got[:128].reshape(16, 8), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got[128:].reshape(16, 8), want, rtol=1e-6, atol=1e-5)
+
+
+def test_cp_async_groups_land_in_order_and_zero_fill(ctl, rng):
+    x = fresh(rng)
+    got = np.array(ctl.selftest("cp_async_groups", x.tolist()))
+    t = (np.arange(128) + 1) % 128
+    np.testing.assert_array_equal(got[:128], np.where(t % 2 == 0, x[4 * (t % 64)], 0.0).astype(np.float32))
+    np.testing.assert_array_equal(got[128:], x[256 + 4 * (t % 64) + 3])
+
+
+def test_lop3_and_prmt_follow_the_isa(ctl, rng):
+    x = fresh(rng)
+    a, b, c = (x[i * 128:(i + 1) * 128].view(np.uint32).astype(np.uint64) for i in range(3))
+    both = (b << 32) | a  # prmt's byte source: a is bytes 0-3, b bytes 4-7
+
+    def byte(k):
+        return (both >> (8 * k)) & 0xFF
+
+    sign0 = np.where(byte(0) & 0x80, 0xFF, 0).astype(np.uint64)
+    want = [a ^ b ^ c, (a & b) | (a & c) | (b & c),
+            byte(1) | byte(5) << 8 | byte(3) << 16 | byte(7) << 24,
+            byte(0) | sign0 << 8 | sign0 << 16 | sign0 << 24]
+    got = np.array(ctl.selftest("bit_ops", x.tolist())).reshape(128, 4, 2).astype(np.uint64)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[:, i, 0] | got[:, i, 1] << 16, w, err_msg=f"result {i}")
+
+
 def test_shared_atomics_are_not_races(ctl, rng):
     x = fresh(rng)
     assert ctl.selftest("shared_atomics", x.tolist())[0] == (x[:128] > 0).sum()
@@ -79,6 +127,9 @@ BROKEN = {
     "shuffle_outside_mask": r"lane 0 of warp 0 reads lane 16, which is missing from the mask 0xffff",
     "uninitialized_shared": r"read of uninitialized shared memory by thread \(0,0,0\)",
     "dynamic_without_smem": r"uses dynamic shared memory, but the launch gave none",
+    "cp_async_read_before_wait": r"read by thread \(0,0,0\) .* of shared memory whose cp.async has not landed .* `s`",
+    "ldmatrix_misaligned": r"ldmatrix at selftest/kernels.cu:\d+: lane 0 of warp 0 gives a row address that is not "
+                           r"16-byte aligned shared memory",
     "global_write_past_end": r"out-of-bounds global-memory write by thread \(127,0,0\) .* 4 byte\(s\) at 0x[0-9a-f]+, "
                              r"inside a 256-byte red zone next to an allocation \(0 byte\(s\) into it\)"
                              r" at .*selftest/kernels.cu:\d+",
@@ -93,5 +144,6 @@ def test_broken_kernels_are_reported(ctl, rng, name):
 
 
 def test_every_self_test_kernel_is_covered(ctl):
-    correct = {"block_sum", "warp_ops", "warp_exchange", "wmma_gemm", "shared_atomics"}
+    correct = {"block_sum", "warp_ops", "warp_exchange", "wmma_gemm", "shared_atomics", "ldmatrix_mma_f16",
+               "ldmatrix_mma_bf16", "cp_async_groups", "bit_ops"}
     assert set(ctl.selftest_names()) == correct | set(BROKEN)

@@ -61,6 +61,8 @@ const char* op_name(WarpOpKind k) {
     case WarpOpKind::Shfl: return "__shfl_*_sync";
     case WarpOpKind::Ballot: return "__ballot_sync/__any_sync/__all_sync";
     case WarpOpKind::Wmma: return "wmma";
+    case WarpOpKind::Ldmatrix: return "ldmatrix";
+    case WarpOpKind::Mma: return "mma.sync";
     default: return "?";
   }
 }
@@ -111,6 +113,7 @@ void fiber_main(void* arg) {
   Cta* c = t_cta;
   t_coords = &f->coords;
   c->launch->body(c->launch->context);
+  land_async_copies(*f, 0, true);  // a GPU completes copies still in flight at exit
   // Exit: nothing may be waiting for this thread.
   f->state = FiberState::Exited;
   ++c->exited;
@@ -504,6 +507,14 @@ void execute_warp_op(Cta& c, int w, unsigned mask) {
         fail("wmma at " + site(first->op.file, first->op.line) + ": needs all 32 lanes of the warp");
       execute_wmma(c, w);
       break;
+    case WarpOpKind::Ldmatrix:
+    case WarpOpKind::Mma:
+      if (mask != kFullMask)
+        fail(std::string(op_name(first->op.kind)) + " at " + site(first->op.file, first->op.line) +
+             ": needs all 32 lanes of the warp (.sync.aligned)");
+      if (first->op.kind == WarpOpKind::Ldmatrix) execute_ldmatrix(c, w);
+      else execute_mma(c, w);
+      break;
     default: break;
   }
 }
@@ -543,6 +554,12 @@ unsigned vote_ballot(unsigned mask, bool predicate, const char* file, int line) 
 void wmma(const WmmaCall& call, const char* file, int line) {
   WarpOp op = warp_op(WarpOpKind::Wmma, kFullMask, file, line);
   op.wmma = &call;
+  arrive(op);
+}
+
+void arrive_collective(WarpOpKind kind, const void* call, const char* file, int line) {
+  WarpOp op = warp_op(kind, kFullMask, file, line);
+  op.call = call;
   arrive(op);
 }
 

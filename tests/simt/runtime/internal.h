@@ -14,7 +14,7 @@ namespace simt {
 extern "C" void simt_switch_context(void** save, void* next);
 
 enum class FiberState : uint8_t { Runnable, AtBarrier, AtWarpOp, Exited };
-enum class WarpOpKind : uint8_t { None, Syncwarp, Shfl, Ballot, Wmma };
+enum class WarpOpKind : uint8_t { None, Syncwarp, Shfl, Ballot, Wmma, Ldmatrix, Mma };
 
 // A lane's pending warp collective.
 struct WarpOp {
@@ -28,6 +28,16 @@ struct WarpOp {
   int width = 32;
   uint64_t result = 0;
   const struct WmmaCall* wmma = nullptr;
+  const void* call = nullptr;  // ldmatrix / mma: the lane's operands (ptx.cpp)
+};
+
+// A cp.async copy issued and not yet landed.
+struct AsyncCopy {
+  char* dst;
+  const char* src;
+  int bytes, src_bytes;
+  uint32_t group;  // the commit group it belongs to (the fiber's commit count when issued)
+  const void* pc;  // where it was issued, for reports
 };
 
 struct Fiber {
@@ -40,6 +50,8 @@ struct Fiber {
   const char* file = nullptr;  // where it waits
   int line = 0;
   WarpOp op;
+  std::vector<AsyncCopy> async_copies;
+  uint32_t async_commits = 0;
 };
 
 struct Warp {
@@ -57,7 +69,7 @@ struct ShadowByte {
   uint16_t w_tid, r_tid, r2_tid;
   uint8_t flags;
 };
-enum : uint8_t { kAddressable = 1, kWritten = 2, kHasWrite = 4, kHasRead = 8, kHasRead2 = 16, kAtomicWrite = 32 };
+enum : uint8_t { kAddressable = 1, kWritten = 2, kHasWrite = 4, kHasRead = 8, kHasRead2 = 16, kAtomicWrite = 32, kInFlight = 64 };
 
 struct SharedObject {
   const void* site;
@@ -114,10 +126,20 @@ std::string code_location(const void* pc);
 // The function containing a code address.
 std::string function_at(const void* pc);
 
+// Warp collectives of ptx.cpp: the running lane arrives at `kind` with its operands `call`;
+// execute_* run when the whole warp has arrived.
+void arrive_collective(WarpOpKind kind, const void* call, const char* file, int line);
+void execute_ldmatrix(Cta& c, int warp);
+void execute_mma(Cta& c, int warp);
+// Lands the fiber's cp.async copies of groups older than its newest `keep` committed ones.
+void land_async_copies(Fiber& f, uint32_t keep, bool include_uncommitted);
+
 // Shared memory (shared_memory.cpp).
 void shared_begin_cta(Cta& cta);
 // Records an access of the current fiber (or, collective, of its whole warp) and checks it.
 void shared_access(const void* p, size_t bytes, bool write, bool atomic, bool collective, const void* pc);
+// A cp.async destination from issue until it lands: written (for the race checks), unreadable.
+void shared_in_flight(const void* p, size_t bytes, const void* pc);
 // A kernel's access outside shared memory: fails the CTA when it touches a global red zone.
 void global_access(const void* p, size_t bytes, bool write, const void* pc);
 

@@ -44,7 +44,7 @@ std::pair<std::string, std::string> symbolize(const void* pc) {
 }  // namespace
 
 std::string code_location(const void* pc) {
-  if (!pc) return "a wmma operation";
+  if (!pc) return "a warp-wide matrix operation (wmma, ldmatrix)";
   // A return address points after the call: look one byte back.
   auto [fn, loc] = symbolize(static_cast<const char*>(pc) - 1);
   const size_t slash = loc.rfind('/');
@@ -205,9 +205,12 @@ void shared_access(const void* p, size_t bytes, bool write, bool atomic, bool co
       s.w_tid = me;
       s.w_bar = c.bar_gen;
       s.w_ctr = ctr;
-      s.flags = uint8_t((s.flags & ~(kHasRead | kHasRead2 | kAtomicWrite)) | kHasWrite | kWritten |
+      s.flags = uint8_t((s.flags & ~(kHasRead | kHasRead2 | kAtomicWrite | kInFlight)) | kHasWrite | kWritten |
                         (atomic ? kAtomicWrite : 0));
     } else {
+      if (s.flags & kInFlight)
+        report(c, "read by " + who(c, me) + " of shared memory whose cp.async has not landed (no cp.async.wait_group " +
+                      "retired its group, or no barrier followed the wait)", a, pc);
       if (!(s.flags & kWritten))
         report(c, "read of uninitialized shared memory by " + who(c, me), a, pc);
       if ((s.flags & kHasWrite) && !ordered(c, s.w_tid, s.w_bar, s.w_ctr, me))
@@ -228,6 +231,12 @@ void shared_access(const void* p, size_t bytes, bool write, bool atomic, bool co
       }
     }
   }
+}
+
+void shared_in_flight(const void* p, size_t bytes, const void* pc) {
+  shared_access(p, bytes, true, false, false, pc);  // the copy may land any time from now: a write
+  const size_t off0 = uintptr_t(p) - uintptr_t(t_cta->arena);
+  for (size_t i = 0; i < bytes; ++i) (*t_cta->shadow)[off0 + i].flags |= kInFlight;
 }
 
 // 64-byte lines known to hold no red zone, per OS thread (direct-mapped), so that the common global

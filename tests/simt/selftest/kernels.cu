@@ -112,6 +112,89 @@ __global__ void wmma_gemm(const float* in, float* out) {
   for (int i = threadIdx.x; i < 256; i += 32) out[i] = c[i];
 }
 
+// D = A B + C on tensor cores the way attention kernels feed them: operands staged into shared
+// memory with cp.async from global memory, A (16x16, row-major) by ldmatrix.x4, B once as [n][k] rows by ldmatrix.x2
+// and once as [k][n] rows by ldmatrix.x2.trans. out: both D (16x8 each, row-major).
+template <typename T>
+__global__ void ldmatrix_mma(const float* in, float* out) {
+  KVCORE_SHARED(T, a, [16][16]);
+  KVCORE_SHARED(T, b_nk, [8][16]);
+  KVCORE_SHARED(T, b_kn, [16][8]);
+  // A and B converted to T in global memory (out's 1024 bytes, overwritten with D at the end).
+  T* global = reinterpret_cast<T*>(out);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 384; i += 32) {
+    if constexpr (std::is_same_v<T, __half>) global[i] = __float2half_rn(in[i]);
+    else global[i] = __float2bfloat16_rn(in[i]);
+  }
+  __syncwarp();
+  for (int i = lane; i < 32; i += 32) kvcore::ptx::cp_async_16(&a[i / 2][(i % 2) * 8], &global[i * 8], true);
+  kvcore::ptx::cp_async_commit();
+  for (int i = lane; i < 16; i += 32) kvcore::ptx::cp_async_16(&b_nk[i / 2][(i % 2) * 8], &global[256 + i * 8], true);
+  kvcore::ptx::cp_async_commit();
+  kvcore::ptx::cp_async_wait<0>();
+  __syncwarp();
+  for (int i = lane; i < 128; i += 32) b_kn[i % 16][i / 16] = b_nk[i / 16][i % 16];
+  __syncwarp();
+  uint32_t fa[4], fb[2], fbt[2];
+  kvcore::ptx::ldmatrix<4>(fa, &a[lane % 16][(lane / 16) * 8]);
+  kvcore::ptx::ldmatrix<2>(fb, &b_nk[lane % 8][((lane / 8) % 2) * 8]);
+  kvcore::ptx::ldmatrix<2, true>(fbt, &b_kn[lane % 16][0]);
+  const int g = lane / 4, t = lane % 4;
+  const float c[4] = {in[384 + g * 8 + 2 * t], in[384 + g * 8 + 2 * t + 1], in[384 + (g + 8) * 8 + 2 * t],
+                      in[384 + (g + 8) * 8 + 2 * t + 1]};
+  float d[4], dt[4];
+  kvcore::ptx::mma_m16n8k16<T>(d, fa, fb, c);
+  kvcore::ptx::mma_m16n8k16<T>(dt, fa, fbt, c);
+  __syncwarp();  // every lane's global loads are done before out is overwritten
+  for (int i = 0; i < 4; ++i) {
+    const int m = g + 8 * (i / 2), n = 2 * t + i % 2;
+    out[m * 8 + n] = d[i];
+    out[128 + m * 8 + n] = dt[i];
+  }
+}
+
+// Two cp.async groups: wait<1> lands the first, wait<0> the second; odd threads zero-fill.
+// kWaitAll false reads the second group after wait<1> only (not landed yet).
+template <bool kWaitAll>
+__global__ void cp_async_groups(const float* in, float* out) {
+  KVCORE_SHARED(float, s, [2][kThreads * 4]);
+  const int t = threadIdx.x;
+  kvcore::ptx::cp_async_16(&s[0][4 * t], in + 4 * (t % 64), t % 2 == 0);
+  kvcore::ptx::cp_async_commit();
+  kvcore::ptx::cp_async_16(&s[1][4 * t], in + 256 + 4 * (t % 64), true);
+  kvcore::ptx::cp_async_commit();
+  kvcore::ptx::cp_async_wait<1>();
+  __syncthreads();
+  out[t] = s[0][4 * ((t + 1) % kThreads)];  // another thread's copy: needs the barrier
+  if (kWaitAll) kvcore::ptx::cp_async_wait<0>();
+  __syncthreads();
+  out[kThreads + t] = s[1][4 * ((t + 1) % kThreads) + 3];
+}
+
+// Each thread's three words (bits of in[t], in[t + 128], in[t + 256]) through lop3 (xor3 and
+// majority) and prmt (selector 0x7351: bytes 1, 5, 3, 7 of {b, a}; 0x8880: byte 0, then its sign x3);
+// out: the 16-bit halves of each result as exact integers.
+__global__ void bit_ops(const float* in, float* out) {
+  const int t = threadIdx.x;
+  const uint32_t a = __float_as_uint(in[t]), b = __float_as_uint(in[t + 128]), c = __float_as_uint(in[t + 256]);
+  const uint32_t r[4] = {kvcore::ptx::lop3<0x96>(a, b, c), kvcore::ptx::lop3<0xE8>(a, b, c),
+                         kvcore::ptx::prmt(a, b, 0x7351), kvcore::ptx::prmt(a, b, 0x8880)};
+  for (int i = 0; i < 4; ++i) {
+    out[t * 8 + 2 * i] = float(r[i] & 0xffffu);
+    out[t * 8 + 2 * i + 1] = float(r[i] >> 16);
+  }
+}
+
+__global__ void ldmatrix_misaligned(const float* in, float* out) {
+  KVCORE_SHARED(__half, a, [16][24]);
+  for (int i = threadIdx.x; i < 16 * 24; i += 32) a[i / 24][i % 24] = __float2half_rn(in[i]);
+  __syncwarp();
+  uint32_t r[4];
+  kvcore::ptx::ldmatrix<4>(r, &a[threadIdx.x % 16][1 + (threadIdx.x / 16) * 8]);  // 2-byte offset rows
+  out[threadIdx.x] = float(r[0] & 0xffffu);
+}
+
 __global__ void shared_atomics(const float* in, float* out) {
   KVCORE_SHARED(int, count, );
   if (threadIdx.x == 0) count = 0;
@@ -152,6 +235,12 @@ const std::map<std::string, Case>& cases() {
       {"warp_ops", {warp_ops, kThreads, kThreads * 5}},
       {"wmma_gemm", {wmma_gemm, 32, 256}},
       {"shared_atomics", {shared_atomics, kThreads, 1}},
+      {"ldmatrix_mma_f16", {ldmatrix_mma<__half>, 32, 256}},
+      {"ldmatrix_mma_bf16", {ldmatrix_mma<__nv_bfloat16>, 32, 256}},
+      {"cp_async_groups", {cp_async_groups<true>, kThreads, 2 * kThreads}},
+      {"cp_async_read_before_wait", {cp_async_groups<false>, kThreads, 2 * kThreads}},
+      {"bit_ops", {bit_ops, kThreads, kThreads * 8}},
+      {"ldmatrix_misaligned", {ldmatrix_misaligned, 32, 32}},
       {"dynamic_without_smem", {dynamic_without_smem, kThreads, kThreads}},
       {"global_write_past_end", {global_write_past_end, kThreads, kThreads}},
   };
