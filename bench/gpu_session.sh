@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One scripted GPU session: build for the local GPU, then run the requested phases, each under its
 # own time limit, with every log and result written to OUTDIR (the short table goes to stdout).
-#   bash bench/gpu_session.sh OUTDIR [build] [test] [sanitize] [bench] [bench-quick]
+#   bash bench/gpu_session.sh OUTDIR [build] [test] [sanitize] [bench] [bench-quick] [static]
 # Phases run in the order given; `build` is implied when kvcore is not importable yet.
 set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [phases...]}
@@ -60,6 +60,16 @@ phase_bench-quick() {
     >"$OUT/bench-cuda-quick.txt" 2>&1
   echo "bench --quick rc=$?"
   tail -40 "$OUT/bench-cuda-quick.txt"
+}
+
+# The static kernel report (no GPU needed): the sources compiled for sm_80/sm_90a, against the
+# committed figures of the kernels before the issue 15 rewrite.
+phase_static() {
+  local t0=$SECONDS
+  timeout 400 "$PY" -m kvcore.bench kernels --static --json "$OUT/static-kernels.json" \
+    --compare bench/results/2026-12-07-static-kernels-before.json >"$OUT/static-kernels.txt" 2>&1
+  echo "static kernel report rc=$? ($((SECONDS - t0)) s)"
+  grep -E "^(kernel|paged_attention_kernel<128>|prefill_tc_kernel<128)" "$OUT/static-kernels.txt" | head -12
 }
 
 if ! "$PY" -c "import kvcore" 2>/dev/null && [[ " $PHASES " != *" build "* ]]; then

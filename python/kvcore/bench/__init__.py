@@ -8,6 +8,10 @@ performance goal in `extra` get a met / NOT MET line under the table.
 
 `python -m kvcore.bench prefix-replay --trace PATH ...` replays a request trace through the prefix
 cache per policy (kvcore.bench.prefix_replay); the `prefix-cache` benchmark is its quick form.
+
+`python -m kvcore.bench kernels --static` is the static cost report of the CUDA kernels, read from
+the compiled objects with no GPU (kvcore.bench.kernels_static). It is a command of its own, not in
+BENCHMARKS: it times nothing, and `all` should not compile every kernel.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 `python -m kvcore.bench prefix-replay --trace PATH [--gpu-blocks N] [--host-blocks M]
 [--policy lru,hot] [--json FILE]` replays a request trace through the prefix cache (see
 kvcore.bench.prefix_replay).
+
+`python -m kvcore.bench kernels --static [--objects DIR] [--json FILE] [--compare BEFORE.json]`
+prints the static cost report of the CUDA kernels (registers, spills, shared memory, occupancy,
+SASS instructions per KV byte of the inner loop), built from the sources with nvcc and read with
+cuobjdump; no GPU needed (see kvcore.bench.kernels_static).
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         from .prefix_replay import main as replay_main
 
         return replay_main(argv[1:])
+    if argv and argv[0] == "kernels":
+        from .kernels_static import main as kernels_main
+
+        return kernels_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kvcore.bench", description=__doc__)
     parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all "
-                        "(or: prefix-replay --trace PATH ..., see prefix-replay --help)")
+                        "(or: prefix-replay --trace PATH ..., see prefix-replay --help; "
+                        "kernels --static, see kernels --help)")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
                         help="where to run (default: every available device)")
     parser.add_argument("--quick", action="store_true", help="one small case per benchmark")
