@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             nvcc_flags=NVCC_FLAGS, sm_limits=SM_LIMITS, tools=_tool_versions())
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     if args.compare:
-        before = json.loads(Path(args.compare).read_text())["rows"]
+        before = [r for r in json.loads(Path(args.compare).read_text())["rows"] if args.filter in r["kernel"]]
         print()
         print(f"after / before ({args.compare}):")
         print(compare(before, rows))
