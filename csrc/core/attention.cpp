@@ -27,7 +27,9 @@ AttentionArgs make_common(const TensorView& q, const TensorView& kv_ref, int64_t
                           int64_t hkv, const TensorView& block_table, const TensorView& seq_lens,
                           const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
                           const AttentionOptions& options, bool decode) {
-  check_dtype(q, {DType::BFloat16, DType::Float16});
+  check_dtype(q, {DType::BFloat16, DType::Float16, DType::Float32});
+  KVCORE_CHECK_VALUE(q.dtype != DType::Float32 || !q.device.is_cuda(), q.name,
+                     ": float32 attention runs on the CPU backend; the CUDA kernels take bfloat16 or float16");
   check_ndim(q, 3);
   const int64_t total_q = q.shape[0], hq = q.shape[1], d = q.shape[2];
   // The head dims of today's models; the CUDA kernels are instantiated for 64, 128 and 256.
@@ -113,7 +115,7 @@ AttentionArgs make_attention_args(const TensorView& q, const TensorView& k_cache
                                   const TensorView& block_table, const TensorView& seq_lens,
                                   const TensorView& cu_seqlens_q, const TensorView& out, const TensorView& lse,
                                   const AttentionOptions& options, bool decode) {
-  check_dtype(q, {DType::BFloat16, DType::Float16});
+  check_dtype(q, {DType::BFloat16, DType::Float16, DType::Float32});
   check_same_dtype(k_cache, q);
   check_same_dtype(v_cache, q);
   check_ndim(q, 3);

@@ -74,6 +74,11 @@ struct KeySeq {
   int64_t key_base;      // position of key 0
 };
 
+// A query row: its token and head in q.
+struct QueryRow {
+  int64_t token, head;
+};
+
 // Query rows of one work item as float32 (rotated for INT4), with their positions, and the item's
 // partial state; per thread, reused across calls.
 struct RowBuf {
@@ -86,8 +91,32 @@ RowBuf& row_buf() {
   return b;
 }
 
+// Row (token, head) of a float32 or 16-bit array, from or to float32.
+void store_row(void* base, int64_t token_stride, int64_t head_stride, int64_t token, int64_t head, int64_t d,
+               DType dtype, const float* o) {
+  const int64_t off = token * token_stride + head * head_stride;
+  if (dtype == DType::Float32) {
+    std::copy(o, o + d, static_cast<float*>(base) + off);
+    return;
+  }
+  cpu::float_row_to_half(o, static_cast<uint16_t*>(base) + off, d, dtype == DType::BFloat16);
+}
+
+void load_row(const void* base, int64_t token_stride, int64_t head_stride, int64_t token, int64_t head, int64_t d,
+              DType dtype, float* o) {
+  const int64_t off = token * token_stride + head * head_stride;
+  if (dtype == DType::Float32) {
+    std::copy(static_cast<const float*>(base) + off, static_cast<const float*>(base) + off + d, o);
+    return;
+  }
+  cpu::half_row_to_float(static_cast<const uint16_t*>(base) + off, o, d, dtype == DType::BFloat16);
+}
+
+// Query row r is (token, head) = q_row(r) of a's queries.
 template <class QRow, class QPos>
-void load_rows(const AttentionParams& p, const PagedKV& kv, int64_t rows, QRow q_row, QPos qpos, RowBuf& b) {
+void load_rows(const AttentionArgs& a, int64_t rows, QRow q_row, QPos qpos, RowBuf& b) {
+  const AttentionParams& p = a.p;
+  const PagedKV& kv = a.kv;
   const int64_t d = p.head_dim;
   const size_t n = size_t(rows), dd = size_t(d);
   if (b.q.size() < n * dd) b.q.resize(n * dd);
@@ -98,7 +127,8 @@ void load_rows(const AttentionParams& p, const PagedKV& kv, int64_t rows, QRow q
   b.qhi = INT64_MIN;
   for (int64_t r = 0; r < rows; ++r) {
     float* q = &b.q[size_t(r) * dd];
-    cpu::half_row_to_float(q_row(r), q, d, p.dtype == DType::BFloat16);
+    const QueryRow qr = q_row(r);
+    load_row(a.q, a.q_token_stride, a.q_head_stride, qr.token, qr.head, d, p.dtype, q);
     if (kv.int4) rotate_row(q, int(d), kv.rot_block, kv.rot_signs);  // scores in the rotated basis
     b.pos[size_t(r)] = qpos(r);
     b.qlo = std::min(b.qlo, b.pos[size_t(r)]);
@@ -135,12 +165,13 @@ float finalize_row(const PagedKV& kv, int64_t d, float m, float l, const float* 
 }
 
 // Attention of `rows` query rows that share one KV head over one KV sequence. q_row(r) gives a
-// row's D 16-bit values, qpos(r) its position; emit(r, o, lse) receives the normalized float output.
+// row's query (token, head), qpos(r) its position; emit(r, o, lse) receives the normalized float output.
 template <class QRow, class QPos, class Emit>
-void attend(const AttentionParams& p, const KeySeq& ks, int64_t kv_head, int64_t rows, QRow q_row, QPos qpos,
+void attend(const AttentionArgs& a, const KeySeq& ks, int64_t kv_head, int64_t rows, QRow q_row, QPos qpos,
             Emit emit) {
+  const AttentionParams& p = a.p;
   RowBuf& b = row_buf();
-  load_rows(p, *ks.kv, rows, q_row, qpos, b);
+  load_rows(a, rows, q_row, qpos, b);
   const KeyRange kr = visible_key_range(ks.num_keys, ks.key_base, b.qlo, b.qhi, p.causal, p.window);
   cpu::attend_partial(make_task(p, ks, kv_head, kr.lo, kr.hi, rows, b, b.m.data(), b.l.data(), b.acc.data()));
   const int64_t d = p.head_dim;
@@ -216,7 +247,6 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   float* sacc = st_acc.data();
   const Item* all = items.data();
 
-  const auto* q = static_cast<const uint16_t*>(a.q);
   auto token_of = [group](const Item& it, int64_t r) { return it.t0 + r / group; };
   auto head_of = [group](const Item& it, int64_t r) { return it.kv_head * group + r % group; };
   // Small calls run on the calling thread: waking the pool costs more than the work.
@@ -228,7 +258,7 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
       const int64_t seq = a.seq_lens[it.b], rows = it.nt * group;
       RowBuf& buf = row_buf();
       load_rows(
-          p, a.kv, rows, [&](int64_t r) { return q + token_of(it, r) * a.q_token_stride + head_of(it, r) * a.q_head_stride; },
+          a, rows, [&](int64_t r) { return QueryRow{token_of(it, r), head_of(it, r)}; },
           [&](int64_t r) { return seq - qr.count + (token_of(it, r) - qr.first); }, buf);
       const KeySeq ks = request_keys(a, it.b, 0);
       if (it.state >= 0) {
@@ -282,26 +312,6 @@ void paged_attention(const AttentionArgs& a, Emit emit) {
   });
 }
 
-void store_row(void* base, int64_t token_stride, int64_t head_stride, int64_t token, int64_t head, int64_t d,
-               DType dtype, const float* o) {
-  const int64_t off = token * token_stride + head * head_stride;
-  if (dtype == DType::Float32) {
-    std::copy(o, o + d, static_cast<float*>(base) + off);
-    return;
-  }
-  cpu::float_row_to_half(o, static_cast<uint16_t*>(base) + off, d, dtype == DType::BFloat16);
-}
-
-void load_row(const void* base, int64_t token_stride, int64_t head_stride, int64_t token, int64_t head, int64_t d,
-              DType dtype, float* o) {
-  const int64_t off = token * token_stride + head * head_stride;
-  if (dtype == DType::Float32) {
-    std::copy(static_cast<const float*>(base) + off, static_cast<const float*>(base) + off + d, o);
-    return;
-  }
-  cpu::half_row_to_float(static_cast<const uint16_t*>(base) + off, o, d, dtype == DType::BFloat16);
-}
-
 }  // namespace
 
 void attention_cpu(const AttentionArgs& a) {
@@ -353,7 +363,6 @@ void shared_prefix_attention_cpu(const SharedPrefixArgs& sa) {
     for (int64_t h = 0; h < p.num_kv_heads; ++h)
       for (int64_t r = 0; r < n; r += kRowsPerPrefixItem) items.push_back({g, h, r, std::min(kRowsPerPrefixItem, n - r)});
   }
-  const auto* q = static_cast<const uint16_t*>(a.q);
   parallel_for(int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Item it = items[size_t(i)];
@@ -362,8 +371,7 @@ void shared_prefix_attention_cpu(const SharedPrefixArgs& sa) {
       auto row = [&](int64_t r) { return rows[size_t((it.r0 + r) / group)]; };
       auto head = [&](int64_t r) { return it.kv_head * group + (it.r0 + r) % group; };
       attend(
-          p, ks, it.kv_head, it.nr,
-          [&](int64_t r) { return q + row(r).token * a.q_token_stride + head(r) * a.q_head_stride; },
+          a, ks, it.kv_head, it.nr, [&](int64_t r) { return QueryRow{row(r).token, head(r)}; },
           [&](int64_t r) { return row(r).position; },
           [&](int64_t r, const float* o, float lse) {
             const size_t s = size_t(row(r).token * hq + head(r));

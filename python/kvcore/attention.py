@@ -10,7 +10,8 @@ Shapes (any DLPack arrays, all on one device):
   seq_lens:     int32 [batch]: keys per request (cached prefix + the new tokens, already appended).
   cu_seqlens_q: int32 [batch + 1]: request b's queries are q[cu[b]:cu[b+1]], the last tokens of its
                 sequence (prefill / extend / chunked prefill).
-dtypes: bfloat16 or float16; D in {64, 128, 256}; GQA/MQA when Hq % Hkv == 0; any page size.
+dtypes: bfloat16 or float16 (CUDA and CPU), float32 (CPU); D in {64, 80, 96, 128, 192, 256} (the
+CUDA kernels: see the CUDA error for the ones compiled); GQA/MQA when Hq % Hkv == 0; any page size.
 Options: `scale` (default D**-0.5), `window` (a query at position p sees keys p - window < j <= p),
 `soft_cap` (logits = soft_cap * tanh(logits / soft_cap)). With `return_lse=True` the ops also return
 the float32 log-sum-exp [tokens, Hq] in the NATURAL log (FlashInfer uses base 2), which

@@ -109,7 +109,7 @@ def _check_out_shape(out, shape) -> None:
 def paged_decode_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, *, block_size=None, signs=None,
                       scale=None, return_lse=False, out=None, lse=None, window=None, soft_cap=None, stream=None):
     """paged_decode over INT4 pages (dequantized inside the kernel, q rotated, output rotated back).
-    q [batch, Hq, D] bfloat16/float16 -> out [batch, Hq, D] (and LSE [batch, Hq] float32, natural log)."""
+    q [batch, Hq, D] bfloat16/float16 (float32 on the CPU) -> out [batch, Hq, D] (and LSE [batch, Hq] float32, natural log)."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)
     _C.attention_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq_lens, None, out, lse,
@@ -121,7 +121,7 @@ def paged_prefill_int4(q, k_codes, k_params, v_codes, v_params, block_table, seq
                        block_size=None, signs=None, scale=None, return_lse=False, out=None, lse=None, window=None,
                        soft_cap=None, stream=None):
     """paged_prefill over INT4 pages, read directly (no bf16 copy of the cache is rebuilt): q
-    [total_q, Hq, D] bfloat16/float16 -> out [total_q, Hq, D] (and LSE [total_q, Hq]); caches as
+    [total_q, Hq, D] bfloat16/float16 (float32 on the CPU) -> out [total_q, Hq, D] (and LSE [total_q, Hq]); caches as
     int4_cache_shapes, cu_seqlens_q int32 [batch + 1]."""
     scale_, window_, cap = _options(scale, window, soft_cap)
     out, lse = _outputs(q, out, return_lse, lse)

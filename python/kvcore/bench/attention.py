@@ -22,7 +22,7 @@ CUDA (bf16, Hq/Hkv = 32/8, D = 128, page 16; the cache pages of each request are
   works. Each row's peer is the fastest correct one; all peer times are in `extra.peers_us`.
   Shapes whose memory would exceed ~100 GiB (or the free device memory) are skipped with a note.
 
-CPU (Hq/Hkv = 8/2, D = 128, page 16): decode B=4 x 1K fp16, 8 x 2K fp16 and bf16 (full: also 16 x 1K,
+CPU (Hq/Hkv = 8/2, D = 128, page 16): decode B=4 x 1K fp16, 8 x 2K fp16, bf16 and fp32 (full: also 16 x 1K,
 4 x 4K, 16 x 2K fp16/bf16); attn-tiny (B=1, 16 keys, numpy arrays: per-call overhead); prefill 256 and
 512 causal, extend 64 on 192 cached (full: also 256 on 1792); shared prefix B=16 with a 1K prefix and
 16-token suffixes. Decode peers: torch SDPA with the gather of the paged KV into contiguous
@@ -31,7 +31,7 @@ CPU (Hq/Hkv = 8/2, D = 128, page 16): decode B=4 x 1K fp16, 8 x 2K fp16 and bf16
 contiguous KV. References: the copy bandwidth (np.copyto, printed first) and a float32 numpy matmul
 (1024^3). Goals: decode at B x context >= 8 x 2K >= 70% of the copy bandwidth and >= 1.5x torch
 sdpa+gather; prefill 512 causal >= 50% of the matmul rate and >= 1x torch SDPA; attn-tiny within 2x
-of one torch SDPA call. float32 KV is not an attention dtype of kvcore.
+of one torch SDPA call. float32 KV runs on the CPU backend only (the CUDA kernels are 16-bit).
 
 Every case is checked first: kvcore's output against a reference computed in float32 (CUDA, on a few
 requests for the large shapes) or float64 numpy (CPU) from the same 16-bit inputs, with a maximum
@@ -695,10 +695,13 @@ class _CpuBench:
         return times
 
     def kv_arrays(self, batch: int, ctx: int, dtype: str):
-        """(q, k, v, block_table, their float32 numpy values): numpy float16, or torch bfloat16."""
+        """(q, k, v, block_table, their float32 numpy values): numpy float16 or float32, or torch bfloat16."""
         k, v, bt = self.pages(batch, ctx)
         q = self.randn(batch, self.s.hq, self.s.d)
         if dtype == "float16":
+            return q, k, v, bt, (q, k, v)
+        if dtype == "float32":
+            q, k, v = (x.astype(np.float32) for x in (q, k, v))
             return q, k, v, bt, (q, k, v)
         torch = self.torch
         q, k, v = (torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16) for x in (q, k, v))
@@ -706,7 +709,7 @@ class _CpuBench:
 
     def decode(self, batch: int, ctx: int, dtype: str = "float16") -> Row | None:
         s, g = self.s, self.s.group
-        tag = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+        tag = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
         case = f"B={batch} L={_k(ctx)} {s.desc()} ps{s.page} {tag}"
         if dtype == "bfloat16" and self.torch is None:
             self.notes.append(f"attn-decode {case}: skipped (bfloat16 arrays need torch)")
@@ -745,7 +748,8 @@ class _CpuBench:
         times = self.peers(cands, verify)
         side = self.peers(pregathered, verify)
         t = self.dev.time(lambda: kvcore.paged_decode(q, k, v, bt, seq_lens, out=out))
-        nbytes = batch * ctx * s.hkv * s.d * 2 * 2 + 2 * batch * s.hq * s.d * 2
+        elem = 4 if dtype == "float32" else 2
+        nbytes = (batch * ctx * s.hkv * s.d * 2 + 2 * batch * s.hq * s.d) * elem
         peer = min(times, key=times.get) if times else ""
         peer_t = times.get(peer)
         gbps = nbytes / t / 1e9
@@ -916,7 +920,7 @@ class _CpuBench:
                    t_plain * 1e6, plain_bytes / t_plain / 1e9, extra)
 
     def run(self, quick: bool) -> list[Row]:
-        decodes = [(4, 1024, "float16"), (8, 2048, "float16"), (8, 2048, "bfloat16")]
+        decodes = [(4, 1024, "float16"), (8, 2048, "float16"), (8, 2048, "bfloat16"), (8, 2048, "float32")]
         if not quick:
             decodes += [(16, 1024, "float16"), (4, 4096, "float16"), (16, 2048, "float16"), (16, 2048, "bfloat16")]
         rows = [self.decode(b, c, dt) for b, c, dt in decodes]
@@ -926,7 +930,6 @@ class _CpuBench:
             rows.append(self.prefill(256, 1792))
         rows.append(self.shared(16, 1024, 16))
         rows = [r for r in rows if r is not None]
-        self.notes.append("float32 KV: not a kvcore attention dtype (bfloat16 / float16 only), so no fp32 row")
         for n in self.notes:
             print(f"attention [cpu]: {n}")
         return rows
