@@ -192,7 +192,10 @@ class KVCoreOffloadingHandler(OffloadingHandler):
     def __init__(self, gpu_tensors, cpu_tensors, group_data_refs, gpu_to_cpu: bool):
         if len(gpu_tensors) != len(cpu_tensors):
             raise ValueError("cpu_tensors: must match gpu_tensors one to one")
-        self.gpu_tensors, self.cpu_tensors = list(gpu_tensors), list(cpu_tensors)
+        # vLLM's canonical views are int8; copy_pages moves bytes as uint8 (same bits).
+        as_bytes = lambda t: t.view(torch.uint8) if t.dtype == torch.int8 else t  # noqa: E731
+        self.gpu_tensors = [as_bytes(t) for t in gpu_tensors]
+        self.cpu_tensors = [as_bytes(t) for t in cpu_tensors]
         self.group_tensors = [[ref.tensor_idx for ref in refs] for refs in group_data_refs]
         self.gpu_to_cpu = gpu_to_cpu
         self.transfer_type = ("GPU", MEDIUM) if gpu_to_cpu else (MEDIUM, "GPU")
