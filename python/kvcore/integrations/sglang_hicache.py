@@ -100,7 +100,8 @@ class KVCoreHiCacheStorage(_Base):
         src = [i for i, k in enumerate(keys) if k in slot and keys.index(k) == i]
         if src:
             stacked = torch.stack([flats[i] for i in src]).numpy()
-            kvcore.copy_pages(stacked, self._pages, np.arange(len(src)), np.array([slot[keys[i]] for i in src]))
+            kvcore.copy_pages(stacked, self._pages, np.arange(len(src), dtype=np.int64),
+                              np.array([slot[keys[i]] for i in src], np.int64))
         self.sets += len(src)
         return [True] * len(keys)
 
@@ -111,8 +112,12 @@ class KVCoreHiCacheStorage(_Base):
         if not target.is_contiguous() or flat.numel() != self.page_bytes:
             raise ValueError(f"target_location: expected a contiguous page of {self.page_bytes} bytes, "
                              f"got {flat.numel()} bytes")
-        kvcore.copy_pages(self._pages, flat.numpy().reshape(1, -1), [self._store.page(key)], [0])
+        self._read(key, flat)
         return True
+
+    def _read(self, key: str, flat: torch.Tensor) -> None:
+        kvcore.copy_pages(self._pages, flat.numpy().reshape(1, -1), np.array([self._store.page(key)], np.int64),
+                          np.zeros(1, np.int64))
 
     # -- HiCacheStorage -------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -123,7 +128,7 @@ class KVCoreHiCacheStorage(_Base):
             if self._store is None or not self._store.lookup(key):
                 return None
             target_location = torch.empty(self.page_bytes, dtype=torch.uint8)
-            kvcore.copy_pages(self._pages, target_location.numpy().reshape(1, -1), [self._store.page(key)], [0])
+            self._read(key, target_location)
             return target_location
         return target_location if self._get_into(key, target_location) else None
 
