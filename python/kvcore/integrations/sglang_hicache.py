@@ -159,32 +159,31 @@ class KVCoreHiCacheStorage(_Base):
                 return i
         return len(keys)
 
-    def _host_pool(self) -> Any:
+    def _host_pages(self, keys: List[str], host_indices: torch.Tensor) -> tuple[Any, List[int]]:
+        """The registered host pool and the first host slot of each key's page."""
         pool = getattr(self, "mem_pool_host", None)
         if pool is None:
             raise RuntimeError("register_mem_pool_host: must be called before the zero-copy batch_*_v1 calls")
-        return pool
-
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Optional[Any] = None) -> List[bool]:
-        pool = self._host_pool()
         ps = int(getattr(pool, "page_size", 1) or 1)
         if host_indices.numel() != len(keys) * ps:
-            raise ValueError(f"host_indices: expected {len(keys) * ps} slots for {len(keys)} pages, got {host_indices.numel()}")
+            raise ValueError(f"host_indices: expected {len(keys) * ps} slots for {len(keys)} pages, "
+                             f"got {host_indices.numel()}")
+        return pool, [int(host_indices[i * ps]) for i in range(len(keys))]
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Optional[Any] = None) -> List[bool]:
+        pool, slots = self._host_pages(keys, host_indices)
         out = []
-        for i, key in enumerate(keys):
+        for key, slot in zip(keys, slots):
             page = pool.get_dummy_flat_data_page()
             ok = self._get_into(key, page)
             if ok:
-                pool.set_from_flat_data_page(int(host_indices[i * ps]), page)
+                pool.set_from_flat_data_page(slot, page)
             out.append(ok)
         return out
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Optional[Any] = None) -> List[bool]:
-        pool = self._host_pool()
-        ps = int(getattr(pool, "page_size", 1) or 1)
-        if host_indices.numel() != len(keys) * ps:
-            raise ValueError(f"host_indices: expected {len(keys) * ps} slots for {len(keys)} pages, got {host_indices.numel()}")
-        values = [pool.get_data_page(int(host_indices[i * ps]), flat=True) for i in range(len(keys))]
+        pool, slots = self._host_pages(keys, host_indices)
+        values = [pool.get_data_page(slot, flat=True) for slot in slots]
         return self._put(list(keys), values, parent=self._prefix(extra_info))
 
     def clear(self) -> bool:
