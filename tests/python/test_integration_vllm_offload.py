@@ -102,7 +102,7 @@ def configs(num_gpu_blocks, **extra):
 class Engine:
     """The connector's scheduler and worker halves over one spec, GPU caches on the CPU."""
 
-    def __init__(self, num_gpu_blocks=48, cpu_blocks=8, seed=0, **extra):
+    def __init__(self, num_gpu_blocks=48, cpu_blocks=8, seed=0, groups=1, **extra):
         self.g = torch.Generator().manual_seed(seed)
         vllm_config, kv_cache_config = configs(num_gpu_blocks)
         page_bytes = kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
@@ -113,14 +113,14 @@ class Engine:
         self.manager = self.spec.get_manager()
         self.kv = [torch.randn(2, num_gpu_blocks, BS, HK, D, generator=self.g).to(torch.bfloat16)
                    for _ in range(LAYERS)]
-        tensors, refs = [], []
-        for layer in self.kv:  # register_kv_caches: FlashAttention layout -> K and V tensors
+        tensors, refs = [], [[] for _ in range(groups)]
+        for i, layer in enumerate(self.kv):  # register_kv_caches: FlashAttention layout -> K and V tensors
             raw = layer.view(torch.int8).view(2, num_gpu_blocks, page_bytes // 2)
             for half in raw.unbind(0):
                 tensors.append(SimpleNamespace(tensor=half, page_size_bytes=page_bytes // 2))
-                refs.append(SimpleNamespace(tensor_idx=len(tensors) - 1, page_size_bytes=page_bytes // 2))
+                refs[i % groups].append(SimpleNamespace(tensor_idx=len(tensors) - 1, page_size_bytes=page_bytes // 2))
         self.worker = OffloadingWorker()
-        for src, dst, handler in self.spec.get_handlers(SimpleNamespace(tensors=tensors, group_data_refs=[refs])):
+        for src, dst, handler in self.spec.get_handlers(SimpleNamespace(tensors=tensors, group_data_refs=refs)):
             self.worker.register_handler(src, dst, handler)
         self.jobs = 0
 
@@ -279,3 +279,29 @@ def test_bad_input_is_refused_with_the_setting_named():
         handler.transfer_async(99, (out.store_spec, GPULoadStoreSpec([0], [1], [0])))
     with pytest.raises(IndexError):  # kvcore.copy_pages checks block ids before copying
         handler.transfer_async(99, (out.store_spec, GPULoadStoreSpec([0, 480], [2], [0])))
+
+
+def test_two_kv_cache_groups_round_trip():
+    """A hybrid model's two KV-cache groups (one layer each): keys carry the group index and the GPU
+    spec lists the groups' blocks one group after the other (group_sizes), as the scheduler does."""
+    e = Engine(cpu_blocks=8, seed=5, groups=2)
+    hashes = block_keys(tokens(e.g, 2))
+    keys = [offload_key(k[:-4], 0) for k in hashes] + [offload_key(k[:-4], 1) for k in hashes]
+    ctx = ReqContext("hybrid")
+    out = e.manager.prepare_store(keys, ctx)
+    assert out.keys_to_store == keys
+    # each group's blocks form their own chain: group 1's first block is a root, not group 0's child
+    assert e.manager.store.parents.get(keys[2]) is None and e.manager.store.parents[keys[3]] == keys[2]
+    before = [e.kv[0][:, [4, 5]].clone(), e.kv[1][:, [6, 7]].clone()]  # group 0: blocks 4, 5; group 1: 6, 7
+    e.jobs += 1
+    e.worker.transfer(e.jobs, (GPULoadStoreSpec([4, 5, 6, 7], [2, 2], [0, 0]), out.store_spec))
+    e.manager.complete_store(keys, ctx)
+    for layer in e.kv:
+        layer.view(torch.int16).fill_(0x7FC1)
+    spec = e.manager.prepare_load(keys, ctx)
+    e.jobs += 1
+    e.worker.transfer(e.jobs, (spec, GPULoadStoreSpec([10, 11, 20, 21], [2, 2], [0, 0])))
+    e.manager.complete_load(keys, ctx)
+    assert torch.equal(e.kv[0][:, [10, 11]].view(torch.int16), before[0].view(torch.int16))
+    assert torch.equal(e.kv[1][:, [20, 21]].view(torch.int16), before[1].view(torch.int16))
+    assert (e.kv[1][:, [10, 11]].view(torch.int16) == 0x7FC1).all()  # group 0's blocks are not layer 1's

@@ -89,6 +89,21 @@ class KVCoreCPULoadStoreSpec(_BlockIDsSpec):
         return f"KVCoreCPULoadStoreSpec({self.block_ids.tolist()})"
 
 
+def _group(key: Any) -> Any:
+    """The KV-cache group of an OffloadKey (block hash + 4-byte big-endian group index)."""
+    return bytes(key[-4:]) if isinstance(key, (bytes, bytearray)) and len(key) > 4 else None
+
+
+def _group_runs(keys: list) -> list[list]:
+    runs: list[list] = []
+    for key in keys:
+        if runs and _group(runs[-1][-1]) == _group(key):
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    return runs
+
+
 class KVCoreOffloadingManager(OffloadingManager):
     """vLLM's scheduler-side OffloadingManager over kvcore's PrefixCache (see the module docstring).
     A block being stored is not loadable until complete_store; blocks being loaded or stored are
@@ -99,7 +114,7 @@ class KVCoreOffloadingManager(OffloadingManager):
         self.store = KeyedPages(num_blocks, policy=policy, half_life=half_life)
         self._pending: set = set()          # prepared for store, not yet complete
         self._invalid: set = set()          # stores that failed: in the tree, not loadable
-        self._tails: OrderedDict = OrderedDict()  # request -> its last stored key (parent of the next run)
+        self._tails: OrderedDict = OrderedDict()  # (request, group) -> last stored key (the next run's parent)
         self._events: list | None = [] if enable_events else None
 
     def _request(self, req_context: Any) -> Any:
@@ -128,28 +143,37 @@ class KVCoreOffloadingManager(OffloadingManager):
     def prepare_store(self, keys, req_context=None) -> PrepareStoreOutput | None:
         keys = list(keys)
         req = self._request(req_context) if req_context is not None else None
-        # The parent of the run's first block: learned from touch(), else the request's last
-        # stored block (blocks generated while decoding).
-        parent = None
-        if keys and keys[0] not in self.store.parents and req is not None:
-            parent = self._tails.get(req)
-        try:
-            new, pages, evicted = self.store.put(keys, parent=parent)
-        except MemoryError:
-            return None  # every block is locked by loads/stores in flight
-        self._invalid.difference_update(evicted)
-        # Blocks whose earlier store failed keep their page and are written again.
-        retry = [k for k in dict.fromkeys(keys) if k in self._invalid and k not in self._pending]
-        new, pages = new + retry, pages + [self.store.page(k) for k in retry]
-        self._invalid.difference_update(retry)
+        # Blocks whose earlier store failed keep their page and are written again; they and each
+        # run's new blocks are locked at once, so that making room for a later run cannot evict them.
+        new = [k for k in dict.fromkeys(keys) if k in self._invalid and k not in self._pending]
+        pages, evicted = [self.store.page(k) for k in new], []
         for k in new:
             self.store.lock(k)
+        # One run per KV-cache group (the scheduler lists the groups' keys one after the other; an
+        # OffloadKey ends with its 4-byte group index): a block's parent is in its own group.
+        for run in _group_runs(keys):
+            # The run's first parent: learned from touch(), else the request's last stored block of
+            # that group (blocks filled while decoding).
+            tail = (req, _group(run[0]))
+            parent = self._tails.get(tail) if req is not None and run[0] not in self.store.parents else None
+            try:
+                placed, run_pages, run_evicted = self.store.put(run, parent=parent)
+            except MemoryError:  # every block is locked by loads/stores in flight
+                for k in new:
+                    self.store.unlock(k)
+                self._invalid.update(new)  # placed, never written
+                return None
+            for k in placed:
+                self.store.lock(k)
+            new, pages, evicted = new + placed, pages + run_pages, evicted + run_evicted
+            if req is not None:
+                self._tails[tail] = run[-1]
+                self._tails.move_to_end(tail)
+                while len(self._tails) > 4096:
+                    self._tails.popitem(last=False)
+        self._invalid.difference_update(new)
+        self._invalid.difference_update(evicted)
         self._pending.update(new)
-        if req is not None and keys:
-            self._tails[req] = keys[-1]
-            self._tails.move_to_end(req)
-            while len(self._tails) > 4096:
-                self._tails.popitem(last=False)
         if self._events is not None and evicted:
             self._events.append(OffloadingEvent(keys=evicted, medium=MEDIUM, removed=True))
         return PrepareStoreOutput(keys_to_store=new, store_spec=KVCoreCPULoadStoreSpec(pages), evicted_keys=evicted)
