@@ -193,3 +193,29 @@ def test_bad_input_is_refused_with_the_argument_named():
         backend.get("a", torch.empty(3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="values"):
         backend.batch_set(["c"], None)
+
+
+def test_pages_stay_readable_when_token_ids_run_out(monkeypatch):
+    """kvcore's tree takes int32 tokens: after 2**31 page ids the store moves to a new namespace
+    (here after 6), and pages stored before and after stay readable and chained."""
+    from kvcore.integrations._keyed import KeyedPages
+
+    monkeypatch.setattr(KeyedPages, "_ID_LIMIT", 6)
+    g = torch.Generator().manual_seed(4)
+    pool = HostPool(16 * PS, g)
+    backend = make_backend(capacity_pages=16)
+    backend.register_mem_pool_host(pool)
+    runs = [page_keys(rand_tokens(g, 4, offset=1000 * r)) for r in range(3)]
+    data = []
+    for r, keys in enumerate(runs):
+        data.append(pool.pages([4 * PS * r + PS * i for i in range(4)]))
+        assert all(backend.batch_set_v1(keys, torch.arange(4 * PS * r, 4 * PS * (r + 1))))
+    more = page_keys(rand_tokens(g, 1), prior=runs[2][-1])  # continues a run of the newest namespace
+    assert all(backend.batch_set_v1(more, torch.arange(0, PS), HiCacheStorageExtraInfo(prefix_keys=runs[2])))
+    assert backend._store._ns == 2
+    pool.poison()
+    for r, keys in enumerate(runs):
+        assert backend.batch_exists(keys) == 4
+        assert all(backend.batch_get_v1(keys, torch.arange(4 * PS * r, 4 * PS * (r + 1))))
+        np.testing.assert_array_equal(pool.pages([4 * PS * r + PS * i for i in range(4)]), data[r])
+    assert backend.batch_exists(runs[2] + more) == 5

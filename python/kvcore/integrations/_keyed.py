@@ -24,13 +24,19 @@ class KeyedPages:
       policy, half_life: as `kvcore.PrefixCache`.
     """
 
+    _ID_LIMIT = 2**31  # token ids are int32
+
     def __init__(self, capacity: int, policy: str = "hot", half_life: float = 600.0):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity: expected a positive number of pages, got {capacity!r}")
         self.capacity, self.policy = capacity, policy
         self.prefix = kvcore.PrefixCache(1, capacity, 0, policy=policy, half_life=half_life)
-        self._ids: dict[Hashable, int] = {}             # key -> token id (interned, never reused)
-        self._by_id: list[Hashable] = []                # token id -> key
+        # Token ids are never reused within a namespace (the tree keeps a page's history by its
+        # path); when they run out, new paths start in the next namespace.
+        self._ns, self._next_id = 0, 0
+        self._ids: dict[Hashable, int] = {}             # stored key -> token id
+        self._by_id: dict[tuple[int, int], Hashable] = {}  # (namespace, token id) -> stored key
+        self._ns_of: dict[Hashable, int] = {}           # stored key -> namespace of its path
         self._parent: OrderedDict = OrderedDict()       # key -> parent key, learned from runs
         self._path: dict[Hashable, tuple[int, ...]] = {}  # resident key -> its tree path
         self._page: dict[Hashable, int] = {}            # resident key -> page id
@@ -40,12 +46,10 @@ class KeyedPages:
 
     # -- keys and paths -----------------------------------------------------------------------
     def _id(self, key: Hashable) -> int:
-        if key not in self._ids:
-            if len(self._ids) >= 2**31 - 1:
-                raise OverflowError("keys: more than 2**31 - 1 distinct keys seen")
-            self._ids[key] = len(self._ids)
-            self._by_id.append(key)
-        return self._ids[key]
+        tid, self._next_id = self._next_id, self._next_id + 1
+        self._ids[key], self._ns_of[key] = tid, self._ns
+        self._by_id[(self._ns, tid)] = key
+        return tid
 
     def link(self, keys: Sequence[Hashable], parent: Hashable | None = None) -> None:
         """Records that keys is a run of consecutive pages (each key the child of the one before),
@@ -80,7 +84,7 @@ class KeyedPages:
     def lookup(self, key: Hashable) -> bool:
         """Whether key is stored; a hit counts for its path's hotness."""
         path = self._path.get(key)
-        hit = path is not None and self.prefix.match(path).gpu_tokens == len(path)
+        hit = path is not None and self.prefix.match(path, self._ns_of[key]).gpu_tokens == len(path)
         if hit:
             self.hits += 1
         else:
@@ -92,7 +96,7 @@ class KeyedPages:
         path = self._path.get(key)
         if path is None:
             raise KeyError(f"keys: {key!r} is not in the store")
-        handle = self.prefix.match(path).handle
+        handle = self.prefix.match(path, self._ns_of[key]).handle
         self.prefix.lock(handle)
         self._locks.setdefault(key, []).append(handle)
 
@@ -110,6 +114,7 @@ class KeyedPages:
             key = self._key.pop(int(page), None)
             if key is not None:
                 del self._page[key], self._path[key]
+                del self._by_id[(self._ns_of.pop(key), self._ids.pop(key))]
                 gone.append(key)
         return gone
 
@@ -138,13 +143,17 @@ class KeyedPages:
                 self.unlock(k)
         evicted = self._forget(pages)
         fresh = dict(zip(new, pages))
-        path = list(self._path.get(first_parent, ()))
+        if self._next_id + len(new) > self._ID_LIMIT:
+            self._ns, self._next_id = self._ns + 1, 0
+        # New pages extend a path only in the current namespace (an older one may hold their ids).
+        path = list(self._path.get(first_parent, ())) if self._ns_of.get(first_parent) == self._ns else []
         grew = False
         for key in keys:
             if key in self._page:  # already stored: continue below its own node
                 if grew:
                     self._insert(path)
-                path, grew = list(self._path[key]), False
+                same = self._ns_of[key] == self._ns
+                path, grew = (list(self._path[key]) if same else []), False
                 continue
             path.append(self._id(key))
             self._path[key] = tuple(path)
@@ -156,7 +165,8 @@ class KeyedPages:
         return new, pages, evicted
 
     def _insert(self, path: list[int]) -> None:
-        self.prefix.insert(path, [self._page[self._by_id[t]] for t in path])
+        ns = self._ns
+        self.prefix.insert(path, [self._page[self._by_id[(ns, t)]] for t in path], namespace=ns)
 
     def clear(self) -> None:
         """Drops every page (locks included): a fresh, empty store."""
