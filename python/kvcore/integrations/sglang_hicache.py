@@ -83,8 +83,8 @@ class KVCoreHiCacheStorage(_Base):
         keys = getattr(extra_info, "prefix_keys", None)
         return keys[-1] if keys else None
 
-    def _put(self, keys: List[str], values: List[torch.Tensor], parent: Any = None) -> List[bool]:
-        flats = [_flat_bytes(v, "values") for v in values]
+    def _put(self, keys: List[str], values: List[torch.Tensor], parent: Any = None, name: str = "values") -> List[bool]:
+        flats = [_flat_bytes(v, name) for v in values]
         if len(flats) != len(keys):
             raise ValueError(f"values: {len(flats)} pages for {len(keys)} keys")
         if not keys:
@@ -140,7 +140,7 @@ class KVCoreHiCacheStorage(_Base):
 
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> bool:
-        return self._put([key], [value])[0]
+        return self._put([key], [value], name="value")[0]
 
     def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
                   target_sizes: Optional[Any] = None) -> bool:

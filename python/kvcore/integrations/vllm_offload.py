@@ -18,9 +18,10 @@ vllm/v1/kv_offload/factory.py, as of the newest vLLM source (the 0.34 line).
 The manager keeps one CPU block per offloaded block (OffloadKey); vLLM's chained block hashes make
 each request's keys a path of kvcore's radix tree, so CPU blocks are evicted leaves first and, with
 "hot", coldest by decayed hit count (lookups are hits): a hot shared prefix outlives a stream of
-one-off prompts. extra_config: `cpu_bytes_to_use` (or `num_cpu_blocks`), `kvcore_policy` ("hot" or
-"lru"), `kvcore_half_life` (seconds). Not supported (ValueError): an offloaded `block_size` other
-than the GPU block size.
+one-off prompts. The PrefixCache's first tier ("gpu" in its stats) holds the CPU blocks: vLLM keeps
+its GPU blocks and GPU prefix cache itself. extra_config: `cpu_bytes_to_use` (or `num_cpu_blocks`),
+`kvcore_policy` ("hot" or "lru"), `kvcore_half_life` (seconds). Not supported (ValueError): an
+offloaded `block_size` other than the GPU block size.
 """
 
 from __future__ import annotations
