@@ -71,7 +71,10 @@ class KVCoreHiCacheStorage(_Base):
             if page_bytes != self.page_bytes:
                 raise ValueError(f"value: pages are {self.page_bytes} bytes in this store, got {page_bytes}")
             return
-        pages = int(self._capacity_pages) if self._capacity_pages is not None else int(self._capacity_bytes) // page_bytes
+        if self._capacity_pages is not None:
+            pages = int(self._capacity_pages)
+        else:
+            pages = int(self._capacity_bytes) // page_bytes
         if pages < 1:
             raise ValueError(f"capacity_bytes: {self._capacity_bytes} holds no page of {page_bytes} bytes")
         self._store = KeyedPages(pages, policy=self._policy, half_life=self._half_life)
