@@ -220,6 +220,7 @@ def test_unsupported_configurations_raise_by_name():
 
 def test_import_kvcore_imports_no_engine():
     code = ("import sys, kvcore, kvcore.integrations; "
-            "bad = [m for m in ('torch', 'transformers', 'vllm', 'sglang', 'kvcore.integrations.transformers') "
+            "bad = [m for m in ('torch', 'transformers', 'vllm', 'sglang', 'kvcore.integrations.transformers', "
+            "'kvcore.integrations.vllm_offload', 'kvcore.integrations.sglang_hicache') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,8 +6,12 @@ Each submodule imports its engine (and torch) when it is imported itself; `impor
 - `kvcore.integrations.transformers`: an attention implementation and a paged Cache for
   Hugging Face transformers (`attn_implementation="kvcore"`).
 - `kvcore.integrations.vllm`: a vLLM v1 attention backend (plugin entry point
-  `vllm.general_plugins`) and a KV offloading connector over kvcore's PrefixCache.
-- `kvcore.integrations.sglang`: an SGLang attention backend and a HiCache storage backend.
+  `vllm.general_plugins`).
+- `kvcore.integrations.vllm_offload`: a vLLM v1 KV offloading spec for the OffloadingConnector
+  (PrefixCache-managed CPU blocks, `copy_pages` transfers).
+- `kvcore.integrations.sglang`: an SGLang attention backend.
+- `kvcore.integrations.sglang_hicache`: an SGLang HiCache storage backend over PrefixCache-managed
+  host pages.
 
 See the README's engine sections for the versions targeted and what is supported.
 """
