@@ -632,7 +632,7 @@ void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, cons
                     const int32_t* tile_offsets, Partials part, WorkList work) {
   DeviceErrorReport* report = device_error_report();
   if (a.kv.int4) {
-    if constexpr (D % 32 == 0)
+    if constexpr (D == 64 || D == 128 || D == 256)  // check_int4_head_dim refuses the others
       launch_kernel(paged_attention_int4_kernel<D>, grid, kThreads, 0, stream, a, shape, tile_offsets, part, work, report);
     return;
   }
