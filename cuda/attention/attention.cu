@@ -23,16 +23,21 @@
 #include "kvcore/detail/float16.h"
 #include "../quant/int4_warp.cuh"
 #include "kvcore/detail/int4.h"
+#include "decode.cuh"
 #include "prefill_tc.cuh"
 
 namespace kvcore {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMaxRows = 8;         // query rows per CTA
-constexpr int kMinKeysPerSplit = 256;
-constexpr int kMaxSplits = 64;
+using decode::kMaxRows;
+using decode::kMaxSplits;
+using decode::kMinKeysPerSplit;
+using decode::kThreads;
+using decode::kWarps;
+using decode::Partials;
+using decode::Row;
+using decode::Split;
+using decode::WorkList;
 // Argument positions in kArgNames, the names raise_device_errors reports.
 constexpr int kSeqLensArg = 0;
 constexpr int kBlockTableArg = 1;
@@ -42,35 +47,6 @@ constexpr int kPrefixLensArg = 4;
 constexpr int kGroupIndptrArg = 5;
 #define KVCORE_ATTENTION_ARG_NAMES \
   { "seq_lens", "block_table", "prefix_block_table", "cu_seqlens_q", "prefix_lens", "group_indptr" }
-
-// A query row of a CTA: which token and head it is, and the query position.
-struct Row {
-  int token;
-  int head;
-  int position;
-};
-
-// Where partial states go (split-KV or shared-prefix), or nullptr to write the final output.
-struct Partials {
-  float* o = nullptr;       // [sources, total_q, Hq, D]
-  float* lse = nullptr;     // [sources, total_q, Hq]
-  int source_base = 0;      // this launch writes sources [source_base, source_base + splits)
-};
-
-template <int N>
-__device__ __forceinline__ void load_lane(const uint16_t* p, bool bf16, float (&out)[N]) {
-  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 values per lane");
-  uint16_t h[N];
-  if constexpr (N == 2) {
-    *reinterpret_cast<uint32_t*>(h) = *reinterpret_cast<const uint32_t*>(p);
-  } else if constexpr (N == 4) {
-    *reinterpret_cast<uint2*>(h) = *reinterpret_cast<const uint2*>(p);
-  } else {
-    *reinterpret_cast<uint4*>(h) = *reinterpret_cast<const uint4*>(p);
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = half_to_float(h[i], bf16);
-}
 
 // A lane's N values of an INT4 row (rotated basis): N/2 code bytes and the row's (scale, min).
 template <int N>
@@ -92,12 +68,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The shared core: rows[0..nrows) against keys [0, num_keys) at positions key_base + j of one KV
-// sequence (page list `pages`, or the single page `page0`), this CTA's split of the visible range.
+// INT4 KV on CUDA cores (the 16-bit caches take decode::attend_tiled): rows[0..nrows) against keys
+// [0, num_keys) at positions key_base + j of one KV sequence (page list `pages`, or the single page
+// `page0`), split `sp` of the visible range; a warp per key, lanes splitting head_dim.
 template <int D>
-__device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys, int key_base,
-                            int kv_head, const Row* rows, int nrows, int split, int num_splits, Partials part,
-                            DeviceErrorReport* report) {
+__device__ void attend_rows_int4(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
+                                 int key_base, int kv_head, const Row* rows, int nrows, Split sp, Partials part,
+                                 DeviceErrorReport* report) {
+  static_assert(D % 32 == 0, "the warp rotation takes D / 32 values per lane");
   constexpr int N = D / 32;
   const AttentionParams& p = a.p;
   const bool bf16 = p.dtype == DType::BFloat16;
@@ -122,17 +100,13 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
                              int64_t(rows[r].head) * a.q_head_stride + lane * N;
 #pragma unroll
       for (int i = 0; i < N; ++i) q[r][i] = half_to_float(qrow[i], bf16);  // q may be unaligned: scalar loads
-      if (a.kv.int4) warp_rotate<N>(q[r], lane, a.kv.rot_block, a.kv.rot_signs, false);  // rotated-basis scores
+      warp_rotate<N>(q[r], lane, a.kv.rot_block, a.kv.rot_signs, false);  // rotated-basis scores
       qlo = min(qlo, rows[r].position);
       qhi = max(qhi, rows[r].position);
     }
   }
-  const KeyRange kr = visible_key_range(num_keys, key_base, qlo, qhi, p.causal, p.window);
-  const int64_t len = kr.hi - kr.lo;
-  const int64_t begin = kr.lo + len * split / num_splits, end = kr.lo + len * (split + 1) / num_splits;
-
-  const auto* kbase = static_cast<const uint16_t*>(a.kv.k);
-  const auto* vbase = static_cast<const uint16_t*>(a.kv.v);
+  const KeyRange kr = decode::split_keys(visible_key_range(num_keys, key_base, qlo, qhi, p.causal, p.window), sp);
+  const int64_t begin = kr.lo, end = kr.hi;
   const int64_t page_size = a.kv.page_size;
   for (int64_t j = begin + warp; j < end; j += kWarps) {
     const int64_t page = pages ? pages[j / page_size] : page0;
@@ -142,15 +116,10 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
     }
     const int64_t kv_row = (j % page_size) * p.num_kv_heads + kv_head;
     float kf[N], vf[N];
-    if (a.kv.int4) {
-      load_int4_lane<N>(a.kv.k_codes + page * a.kv.k_codes_page_stride, a.kv.k_params + page * a.kv.k_params_page_stride,
-                        kv_row, lane, kf);
-      load_int4_lane<N>(a.kv.v_codes + page * a.kv.v_codes_page_stride, a.kv.v_params + page * a.kv.v_params_page_stride,
-                        kv_row, lane, vf);
-    } else {
-      load_lane<N>(kbase + page * a.kv.k_page_stride + kv_row * D + lane * N, bf16, kf);
-      load_lane<N>(vbase + page * a.kv.v_page_stride + kv_row * D + lane * N, bf16, vf);
-    }
+    load_int4_lane<N>(a.kv.k_codes + page * a.kv.k_codes_page_stride, a.kv.k_params + page * a.kv.k_params_page_stride,
+                      kv_row, lane, kf);
+    load_int4_lane<N>(a.kv.v_codes + page * a.kv.v_codes_page_stride, a.kv.v_params + page * a.kv.v_params_page_stride,
+                      kv_row, lane, vf);
     const int kpos = key_base + int(j);
 #pragma unroll
     for (int r = 0; r < kMaxRows; ++r) {
@@ -204,7 +173,7 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
     if (d == 0) s_lse[r] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
   }
   __syncthreads();
-  if (a.kv.int4) {  // V's rotation undone on the output
+  {  // V's rotation undone on the output
     for (int r = warp; r < nrows; r += kWarps) {
       float o[N];
 #pragma unroll
@@ -219,10 +188,10 @@ __device__ void attend_rows(const AttentionArgs& a, const int32_t* pages, int64_
     const int r = idx / D, d = idx % D;
     const float out = s_out[r][d], lse = s_lse[r];
     const int64_t token = rows[r].token, head = rows[r].head;
-    if (part.o) {
-      const int64_t state = (int64_t(part.source_base + split) * a.total_q + token) * p.num_q_heads + head;
-      part.o[state * D + d] = out;
-      if (d == 0) part.lse[state] = lse;
+    if (float* po = decode::partial_o(part, sp)) {
+      const int64_t state = decode::partial_state(a, part, sp, int(token), int(head));
+      po[state * D + d] = out;
+      if (d == 0) decode::partial_lse(part, sp)[state] = lse;
     } else {
       static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] = float_to_half(out, bf16);
       if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
@@ -330,21 +299,34 @@ __device__ TileRequest locate_tile(const AttentionArgs& a, const int32_t* tile_o
   return r;
 }
 
-// Grid: x = tile (decode: request), y = kv head x head chunk, z = split.
-template <int D>
-__global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs a, TileShape shape,
-                                                                   const int32_t* tile_offsets, Partials part,
-                                                                   DeviceErrorReport* report) {
-  if (cta_report_failed(report)) return;  // metadata failed its debug check
-  KVCORE_SHARED(Row, rows, [kMaxRows]);
-  KVCORE_SHARED(int, s_nrows, );
-  KVCORE_SHARED(int, s_b, );
+// A CTA's query rows and request. Grid: y = kv head x head chunk; with a work list (decode)
+// x = work item, else x = tile (decode: request) and z = split.
+struct CtaRows {
+  Row rows[kMaxRows];
+  int nrows, b, seq;
+  Split sp;
+};
+__device__ bool setup_rows(const AttentionArgs& a, const TileShape& shape, const int32_t* tile_offsets,
+                           const WorkList& work, DeviceErrorReport* report, CtaRows& c) {
   KVCORE_SHARED(int, s_skip, );
-  KVCORE_SHARED(int, s_seq, );
   const int kv_head = blockIdx.y / shape.head_chunks, chunk = blockIdx.y % shape.head_chunks;
   const int group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
-    const TileRequest tr = locate_tile(a, tile_offsets, shape.tokens_per_tile, blockIdx.x, report);
+    int tile = blockIdx.x;
+    s_skip = 0;
+    if (work.first) {
+      const int item = blockIdx.x;
+      if (item >= work.first[a.p.batch]) {
+        s_skip = 1;
+      } else {
+        tile = work.item_request[item];
+        c.sp = Split{item - work.first[tile], 0, *work.chunk, item};
+      }
+    } else {
+      c.sp = Split{int(blockIdx.z), int(gridDim.z), 0, 0};
+    }
+    const TileRequest tr = s_skip ? TileRequest{1, 0, 0, 0, 0, 0}
+                                  : locate_tile(a, tile_offsets, shape.tokens_per_tile, tile, report);
     s_skip = tr.skip;
     if (!tr.skip) {
       const int h0 = chunk * shape.heads_per_chunk;
@@ -353,17 +335,39 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
       int n = 0;
       for (int t = 0; t < tokens; ++t)
         for (int h = 0; h < heads; ++h)
-          rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h0 + h, tr.seq - tr.q_len + tr.t0 + t};
-      s_nrows = n;
-      s_b = tr.b;
-      s_seq = tr.seq;
+          c.rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h0 + h, tr.seq - tr.q_len + tr.t0 + t};
+      c.nrows = n;
+      c.b = tr.b;
+      c.seq = tr.seq;
     }
   }
   __syncthreads();
-  if (s_skip || s_nrows == 0) return;
-  const int b = s_b;
-  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
-  attend_rows<D>(a, pages, b, s_seq, 0, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report);
+  return !s_skip && c.nrows > 0;
+}
+
+template <int D, int R, typename T, bool Cap>
+__global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs a, TileShape shape,
+                                                                   const int32_t* tile_offsets, Partials part,
+                                                                   WorkList work, DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
+  KVCORE_SHARED(CtaRows, c, );
+  if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
+  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(c.b) * a.kv.block_table_stride : nullptr;
+  decode::attend_tiled<D, R, std::is_same_v<T, __nv_bfloat16>, Cap>(
+      a, pages, c.b, c.seq, 0, int(blockIdx.y / shape.head_chunks), c.rows, c.nrows, c.sp, part, report,
+      kBlockTableArg);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) paged_attention_int4_kernel(AttentionArgs a, TileShape shape,
+                                                                        const int32_t* tile_offsets, Partials part,
+                                                                        WorkList work, DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
+  KVCORE_SHARED(CtaRows, c, );
+  if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
+  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(c.b) * a.kv.block_table_stride : nullptr;
+  attend_rows_int4<D>(a, pages, c.b, c.seq, 0, int(blockIdx.y / shape.head_chunks), c.rows, c.nrows, c.sp, part,
+                      report);
 }
 
 // Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
@@ -441,26 +445,85 @@ __global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArg
                            kPrefixBlockTableArg);
 }
 
-// out[t, h] = the LSE-weighted combination of `sources` float partial states, in source order.
-__global__ void merge_partials_kernel(AttentionArgs a, Partials part, int sources) {
+// out[t, h] = the LSE-weighted combination of its float partial states in a fixed order: the
+// `sources` fixed ones, then (decode with a work list) request t's work items.
+__global__ void merge_partials_kernel(AttentionArgs a, Partials part, int sources, WorkList work) {
   const int64_t state = blockIdx.x;  // token * Hq + head
   const int64_t states = a.total_q * a.p.num_q_heads;
   const int64_t d_total = a.p.head_dim;
   const bool bf16 = a.p.dtype == DType::BFloat16;
-  float mx = -INFINITY;
-  for (int s = 0; s < sources; ++s) mx = fmaxf(mx, part.lse[s * states + state]);
   const int64_t token = state / a.p.num_q_heads, head = state % a.p.num_q_heads;
+  const int i0 = work.first ? work.first[token] : 0, i1 = work.first ? work.first[token + 1] : 0;
+  auto lse_of = [&](int s) {
+    return s < sources ? part.lse[s * states + state] : part.item_lse[int64_t(i0 + s - sources) * a.p.num_q_heads + head];
+  };
+  auto o_of = [&](int s, int64_t d) {
+    return s < sources ? part.o[(s * states + state) * d_total + d]
+                       : part.item_o[(int64_t(i0 + s - sources) * a.p.num_q_heads + head) * d_total + d];
+  };
+  const int total = sources + (i1 - i0);
+  float mx = -INFINITY;
+  for (int s = 0; s < total; ++s) mx = fmaxf(mx, lse_of(s));
   for (int64_t d = threadIdx.x; d < d_total; d += blockDim.x) {
     float sum = 0.f, o = 0.f;
     if (mx != -INFINITY)
-      for (int s = 0; s < sources; ++s) {
-        const float w = __expf(part.lse[s * states + state] - mx);
+      for (int s = 0; s < total; ++s) {
+        const float w = __expf(lse_of(s) - mx);
         sum += w;
-        o += w * part.o[(s * states + state) * d_total + d];
+        o += w * o_of(s, d);
       }
     static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] =
         float_to_half(sum > 0.f ? o / sum : 0.f, bf16);
     if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
+  }
+}
+
+// Decode split plan from the actual lengths, on the device (one warp; graph-safe, deterministic):
+// a split takes chunk = max(kMinKeysPerSplit, keys of all requests x ctas_per_item / target_ctas)
+// keys (whole tiles), so the items number at most batch + target_ctas / ctas_per_item; a request
+// with no visible key still gets one item (its empty state).
+__global__ void plan_decode_splits_kernel(AttentionArgs a, int ctas_per_item, int target_ctas, WorkList work) {
+  const int lane = threadIdx.x;
+  const int batch = int(a.p.batch);
+  const int64_t capacity = a.kv.block_table ? a.kv.max_pages * a.kv.page_size : a.kv.page_size;
+  auto visible = [&](int b) -> int64_t {  // as locate_tile and visible_key_range see request b
+    const int64_t seq = a.seq_lens[b];
+    if (seq > capacity || seq < 1) return 0;
+    const KeyRange kr = visible_key_range(seq, 0, seq - 1, seq - 1, a.p.causal, a.p.window);
+    return kr.hi - kr.lo;
+  };
+  long long keys = 0;
+  for (int b = lane; b < batch; b += 32) keys += visible(b);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) keys += __shfl_xor_sync(0xffffffffu, keys, o);
+  long long want = (keys * ctas_per_item + target_ctas - 1) / target_ctas;
+  want = (want + decode::kSplitAlign - 1) / decode::kSplitAlign * decode::kSplitAlign;
+  const int chunk = int(std::max<long long>(kMinKeysPerSplit, std::min<long long>(want, INT32_MAX / 2)));
+  int running = 0;
+  for (int base = 0; base < batch; base += 32) {
+    const int b = base + lane;
+    int n = 0;
+    if (b < batch) {
+      const int64_t len = visible(b);
+      const int c = decode::split_chunk(len, chunk);
+      n = len > 0 ? int((len + c - 1) / c) : 1;
+    }
+    int incl = n;  // inclusive scan over the lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    const int first = running + incl - n;
+    if (b < batch) {
+      work.first[b] = first;
+      for (int s = 0; s < n; ++s) work.item_request[first + s] = b;
+    }
+    running += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) {
+    work.first[batch] = running;
+    *work.chunk = chunk;
   }
 }
 
@@ -539,24 +602,68 @@ template <typename F>
 void dispatch_head_dim(int64_t d, F&& f) {
   switch (d) {
     case 64: f(std::integral_constant<int, 64>{}); break;
+    case 80: f(std::integral_constant<int, 80>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
     case 128: f(std::integral_constant<int, 128>{}); break;
+    case 192: f(std::integral_constant<int, 192>{}); break;
     case 256: f(std::integral_constant<int, 256>{}); break;
     default:
-      KVCORE_THROW(ErrorKind::Value, "head_dim ", d, " is not supported by the CUDA kernels (expected 64, 128 or 256; ",
-                   "the CPU backend also takes 80, 96 and 192)");
+      KVCORE_THROW(ErrorKind::Value, "head_dim ", d, " is not supported by the CUDA kernels (expected 64, 80, 96, 128, 192 or 256)");
   }
+}
+
+// The INT4 kernels rotate with D / 32 values per lane.
+void check_int4_head_dim(const PagedKV& kv, int64_t d) {
+  KVCORE_CHECK_VALUE(!kv.int4 || d == 64 || d == 128 || d == 256, "head_dim ", d,
+                     " is not supported by the CUDA INT4 kernels (expected 64, 128 or 256)");
 }
 
 int64_t max_keys(const PagedKV& kv) { return kv.block_table ? kv.max_pages * kv.page_size : kv.page_size; }
 
-// Launches the CUDA-core kernel (decode, or groups wider than a tensor-core tile).
-void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* tile_offsets, int64_t tiles, int splits,
-                  Partials part) {
-  const TileShape shape = tile_shape(a.p);
-  dim3 grid(unsigned(tiles), unsigned(a.p.num_kv_heads * shape.head_chunks), unsigned(splits));
+// Launches the CUDA-core kernel (decode, or groups wider than a tensor-core tile): grid x = work
+// items (with a work list) or tiles, z = fixed splits.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <int D>
+void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, const TileShape& shape,
+                    const int32_t* tile_offsets, Partials part, WorkList work) {
   DeviceErrorReport* report = device_error_report();
+  if (a.kv.int4) {
+    if constexpr (D == 64 || D == 128 || D == 256)  // check_int4_head_dim refuses the others
+      launch_kernel(paged_attention_int4_kernel<D>, grid, kThreads, 0, stream, a, shape, tile_offsets, part, work, report);
+    return;
+  }
+  const size_t smem = decode::Tile<D>::kBytes;
+  auto run = [&](auto kernel) {
+    KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    launch_kernel(kernel, grid, kThreads, smem, stream, a, shape, tile_offsets, part, work, report);
+  };
+  // Rows per CTA as a template argument: registers for the group actually there.
+  const int rows = std::min(kMaxRows, shape.heads_per_chunk * (a.cu_seqlens_q ? shape.tokens_per_tile : 1));
+  auto by_rows = [&](auto t, auto cap) {
+    using T = typename decltype(t)::type;
+    constexpr bool Cap = decltype(cap)::value;
+    if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>);
+    else if (rows <= 4) run(paged_attention_kernel<D, 4, T, Cap>);
+    else run(paged_attention_kernel<D, 8, T, Cap>);
+  };
+  auto by_cap = [&](auto t) {
+    if (a.p.soft_cap > 0.f) by_rows(t, std::true_type{});
+    else by_rows(t, std::false_type{});
+  };
+  if (a.p.dtype == DType::BFloat16) by_cap(TypeTag<__nv_bfloat16>{});
+  else by_cap(TypeTag<__half>{});
+}
+
+void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* tile_offsets, int64_t grid_x, int splits,
+                  Partials part, WorkList work) {
+  const TileShape shape = tile_shape(a.p);
+  dim3 grid(unsigned(grid_x), unsigned(a.p.num_kv_heads * shape.head_chunks), unsigned(splits));
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    launch_kernel(paged_attention_kernel<decltype(d)::value>, grid, kThreads, 0, stream, a, shape, tile_offsets, part, report);
+    launch_paged_d<decltype(d)::value>(a, stream, grid, shape, tile_offsets, part, work);
   });
   KVCORE_CUDA_CHECK_LAUNCH();
 }
@@ -586,12 +693,19 @@ int group_size(const AttentionParams& p) { return int(p.num_q_heads / p.num_kv_h
 bool use_tensor_cores(const AttentionArgs& a) { return a.cu_seqlens_q && group_size(a.p) <= tc::kRows; }
 int tc_tokens_per_tile(const AttentionParams& p) { return std::max(1, tc::kRows / group_size(p)); }
 
-// How one paged pass runs: kernel kind, query tokens per tile, tile count bound, KV splits.
+// How one paged pass runs: kernel kind, query tokens per tile, tile count bound, KV splits. Decode
+// splits come from a device-side work list over the actual lengths (work_list), unless no request
+// could get more than one split (then one CTA per request writes the output).
 struct PassPlan {
   bool tensor_cores;
   int tokens_per_tile;
   int64_t tiles;
-  int splits;
+  int splits;           // fixed splits (1 with a work list)
+  bool work_list;
+  int64_t max_items;    // work items bound (work list)
+  int ctas_per_item;
+  int target_ctas;
+  bool partials() const { return work_list || splits > 1; }
 };
 PassPlan plan_paged(const AttentionArgs& a) {
   PassPlan plan;
@@ -600,19 +714,52 @@ PassPlan plan_paged(const AttentionArgs& a) {
   plan.tokens_per_tile = plan.tensor_cores ? tc_tokens_per_tile(a.p) : shape.tokens_per_tile;
   plan.tiles = a.cu_seqlens_q ? (a.total_q + plan.tokens_per_tile - 1) / plan.tokens_per_tile + a.p.batch : a.p.batch;
   const int64_t ctas = plan.tiles * a.p.num_kv_heads * (plan.tensor_cores ? 1 : shape.head_chunks);
+  plan.work_list = false;
+  plan.ctas_per_item = int(a.p.num_kv_heads * shape.head_chunks);
+  plan.target_ctas = 2 * sm_count(a.device.index);
+  plan.max_items = a.p.batch + plan.target_ctas / plan.ctas_per_item;
+  if (!a.cu_seqlens_q) {
+    plan.splits = 1;
+    plan.work_list = plan.max_items > a.p.batch && max_keys(a.kv) > kMinKeysPerSplit;
+    return plan;
+  }
   plan.splits = choose_splits(ctas, max_keys(a.kv), a.device.index);
   return plan;
 }
 
-// One paged pass into `part` (or straight into the output when part.o is null: one split).
-void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream, int32_t* tile_offsets, Partials part) {
+// Scratch of a pass's work list: first [batch + 1], chunk [1], item_request [max_items].
+size_t work_list_bytes(const AttentionArgs& a, const PassPlan& plan) {
+  return plan.work_list ? (size_t(a.p.batch + 2) + size_t(plan.max_items)) * 4 : 0;
+}
+WorkList work_list_at(const AttentionArgs& a, const PassPlan& plan, int32_t* at) {
+  if (!plan.work_list) return WorkList{};
+  return WorkList{at, at + a.p.batch + 2, at + a.p.batch + 1};
+}
+// Float partial scratch of a pass's work items: o [max_items, Hq, D], lse [max_items, Hq].
+size_t item_bytes(const AttentionArgs& a, const PassPlan& plan) {
+  return plan.work_list ? size_t(plan.max_items) * size_t(a.p.num_q_heads) * size_t(a.p.head_dim + 1) * 4 : 0;
+}
+void set_items(const AttentionArgs& a, const PassPlan& plan, float* at, Partials& part) {
+  if (!plan.work_list) return;
+  part.item_o = at;
+  part.item_lse = at + size_t(plan.max_items) * size_t(a.p.num_q_heads) * size_t(a.p.head_dim);
+}
+
+// One paged pass into `part` (or straight into the output when part.o and part.item_o are null).
+void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream, int32_t* tile_offsets, Partials part,
+               WorkList work) {
   if (a.cu_seqlens_q) {
     launch_kernel(build_tiles_kernel, 1, 32, 0, stream, a.cu_seqlens_q, int(a.p.batch), plan.tokens_per_tile, tile_offsets,
                   device_error_report());
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   if (!plan.tensor_cores) {
-    launch_paged(a, stream, a.cu_seqlens_q ? tile_offsets : nullptr, plan.tiles, plan.splits, part);
+    if (plan.work_list) {
+      launch_kernel(plan_decode_splits_kernel, 1, 32, 0, stream, a, plan.ctas_per_item, plan.target_ctas, work);
+      KVCORE_CUDA_CHECK_LAUNCH();
+    }
+    launch_paged(a, stream, a.cu_seqlens_q ? tile_offsets : nullptr, plan.work_list ? plan.max_items : plan.tiles,
+                 plan.splits, part, work);
     return;
   }
   const dim3 grid(unsigned(plan.tiles), unsigned(a.p.num_kv_heads), unsigned(plan.splits));
@@ -640,21 +787,26 @@ void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
   if (a.total_q == 0 || a.p.batch == 0) return;
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
+  check_int4_head_dim(a.kv, a.p.head_dim);
   cudaStream_t stream = to_cuda_stream(stream_handle);
   const PassPlan plan = plan_paged(a);
   const int64_t states = a.total_q * a.p.num_q_heads;
   const size_t tiles_bytes = a.cu_seqlens_q ? round_up(size_t(a.p.batch + 1) * 4) : 0;
+  const size_t work_bytes = round_up(work_list_bytes(a, plan));
   const size_t part_bytes = plan.splits > 1 ? size_t(plan.splits) * size_t(states) * size_t(a.p.head_dim + 1) * 4 : 0;
-  StreamScratch scratch(tiles_bytes + part_bytes, stream);
+  StreamScratch scratch(tiles_bytes + work_bytes + part_bytes + item_bytes(a, plan), stream);
   Partials part;
   if (plan.splits > 1) {
-    part.o = scratch.at<float>(tiles_bytes);
+    part.o = scratch.at<float>(tiles_bytes + work_bytes);
     part.lse = part.o + size_t(plan.splits) * size_t(states) * size_t(a.p.head_dim);
   }
+  set_items(a, plan, scratch.at<float>(tiles_bytes + work_bytes + part_bytes), part);
+  const WorkList work = work_list_at(a, plan, scratch.at<int32_t>(tiles_bytes));
   validate_metadata(a, SharedPrefixArgs{}, stream);
-  run_paged(a, plan, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, part);
-  if (plan.splits > 1) {
-    launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, plan.splits);
+  run_paged(a, plan, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, part, work);
+  if (plan.partials()) {
+    launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, plan.work_list ? 0 : plan.splits,
+                  work);
     KVCORE_CUDA_CHECK_LAUNCH();
   }
   raise_device_errors(stream, "attention", KVCORE_ATTENTION_ARG_NAMES);
@@ -666,6 +818,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   if (a.total_q == 0 || a.p.batch == 0) return;
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
+  check_int4_head_dim(a.kv, a.p.head_dim);
   KVCORE_CHECK_VALUE(group_size(a.p) <= tc::kRows, "shared-prefix attention on CUDA supports at most ", tc::kRows,
                      " query heads per kv head");
   cudaStream_t stream = to_cuda_stream(stream_handle);
@@ -675,12 +828,16 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   const int prefix_splits =
       choose_splits(prefix_tiles * a.p.num_kv_heads, sa.max_prefix_pages * a.kv.page_size, a.device.index);
   const PassPlan suffix = plan_paged(a);
-  const int sources = prefix_splits + suffix.splits;
+  // Fixed sources: the prefix splits, then the suffix's fixed splits (none with a work list).
+  const int sources = prefix_splits + (suffix.work_list ? 0 : suffix.splits);
   const size_t tiles_bytes = a.cu_seqlens_q ? round_up(size_t(a.p.batch + 1) * 4) : 0;
-  StreamScratch scratch(tiles_bytes + size_t(sources) * size_t(states) * size_t(a.p.head_dim + 1) * 4, stream);
+  const size_t work_bytes = round_up(work_list_bytes(a, suffix));
+  const size_t part_bytes = size_t(sources) * size_t(states) * size_t(a.p.head_dim + 1) * 4;
+  StreamScratch scratch(tiles_bytes + work_bytes + part_bytes + item_bytes(a, suffix), stream);
   Partials part;
-  part.o = scratch.at<float>(tiles_bytes);
+  part.o = scratch.at<float>(tiles_bytes + work_bytes);
   part.lse = part.o + size_t(sources) * size_t(states) * size_t(a.p.head_dim);
+  const WorkList work = work_list_at(a, suffix, scratch.at<int32_t>(tiles_bytes));
   validate_metadata(a, sa, stream);
   const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(sa.num_groups * prefix_splits));
   const tc::TcPartials tp{part.o, part.lse, 0};
@@ -690,8 +847,9 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   });
   Partials suffix_part = part;
   suffix_part.source_base = prefix_splits;
-  run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part);
-  launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, part, sources);
+  set_items(a, suffix, scratch.at<float>(tiles_bytes + work_bytes + part_bytes), suffix_part);
+  run_paged(a, suffix, stream, a.cu_seqlens_q ? scratch.at<int32_t>(0) : nullptr, suffix_part, work);
+  launch_kernel(merge_partials_kernel, unsigned(states), 128, 0, stream, a, suffix_part, sources, work);
   KVCORE_CUDA_CHECK_LAUNCH();
   raise_device_errors(stream, "shared_prefix attention", KVCORE_ATTENTION_ARG_NAMES);
 }

@@ -182,6 +182,16 @@ def test_empty_batch_cuda(dev, rng):
     assert tuple(out.shape) == (0, 4, 64) and tuple(lse.shape) == (0, 4)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("page_size", [1, 7, 16])
+@pytest.mark.parametrize("heads", list(HEAD_CONFIGS))
+@pytest.mark.parametrize("head_dim", [80, 96, 192])
+def test_paged_decode_cuda_more_head_dims(dev, rng, head_dim, heads, page_size, dtype):
+    hq, hkv = HEAD_CONFIGS[heads]
+    args = paged_case(rng, dtype, batch=5, hq=hq, hkv=hkv, d=head_dim, page_size=page_size, max_len=120, decode=True)
+    compare_paged(dev, args)
+
+
 # --- split-KV over long sequences ------------------------------------------------------------------
 
 @pytest.mark.parametrize("options", [{}, dict(window=5000, soft_cap=20.0), dict(scale=0.02)])
@@ -538,12 +548,59 @@ def test_debug_checks_validate_ragged_and_group_metadata(dev, rng, broken):
         dev.kv.set_debug_checks(False)
 
 
-@pytest.mark.parametrize("head_dim", [80, 96, 192])
-def test_cuda_kernels_refuse_cpu_only_head_dims(dev, rng, head_dim):
-    """80, 96 and 192 run on the CPU backend; the CUDA kernels say so instead of guessing."""
+@pytest.mark.parametrize("head_dim", [48, 72])
+def test_unsupported_head_dims_are_rejected_on_cuda(dev, rng, head_dim):
+    """No backend takes these head dims: the device op names head_dim and writes nothing."""
     args = paged_case(rng, "float16", batch=2, hq=4, hkv=2, d=head_dim, page_size=8, max_len=20, decode=True)
     gpu = on_device(dev, args)
     out = dev.nan_like(gpu["q"])
-    with pytest.raises(ValueError, match=rf"head_dim {head_dim} is not supported by the CUDA kernels"):
+    with pytest.raises(ValueError, match=rf"head_dim {head_dim} is not supported"):
         dev.kv.paged_decode(**gpu, out=out, lse=dev.full((2, 4), NAN, torch.float32))
     assert np.isnan(to_numpy_f32(out)).all()
+
+
+# --- needles at split, tile and page boundaries ----------------------------------------------------
+
+def needle_case(rng, d, hkv, group, page_size, seq_lens):
+    """A bf16 decode case whose keys at every 16-key boundary (j % 16 in {0, 15}: the tiles hold
+    16, 32 or 64 keys, splits multiples of 64) and at every page boundary score ~10 above the rest,
+    so a key lost or counted twice at a boundary moves the LSE by about 1 / (number of needles)."""
+    args = paged_case(rng, "bfloat16", hq=hkv * group, hkv=hkv, d=d, page_size=page_size, decode=True,
+                      seq_lens=np.asarray(seq_lens, np.int32))
+    k = args["k_cache"].float()
+    q = args["q"].float()
+    table = np.asarray(args["block_table"])
+    u = torch.from_numpy(rng.standard_normal((hkv, d))).float()
+    u /= u.norm(dim=-1, keepdim=True)
+    # q = sqrt(D) u + noise and needle keys 10 u: needle logits ~10, others ~N(0, 0.3).
+    q = q * 0.3 + np.sqrt(d) * u.repeat_interleave(group, dim=0)[None]
+    k = k * 0.3
+    for b, n in enumerate(seq_lens):
+        for j in range(n):
+            if j % 16 in (0, 15) or (page_size > 1 and j % page_size in (0, page_size - 1)):
+                k[table[b, j // page_size], j % page_size] = 10.0 * u
+    args["q"] = q.to(torch.bfloat16)
+    args["k_cache"] = k.to(torch.bfloat16)
+    return args
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("page_size", [1, 16, 7])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 192, 256])
+def test_decode_needles_at_split_and_tile_boundaries(dev, rng, head_dim, page_size, group):
+    """Several device-planned splits per long request, ragged lengths; output and LSE against the
+    independent float64 reference, the LSE at 1e-5 relative."""
+    from attention_reference import paged_attention_reference
+
+    args = needle_case(rng, head_dim, 2, group, page_size, [2100, 1, 333, 1000])
+    want, want_lse = paged_attention_reference(args["q"], args["k_cache"], args["v_cache"], args["block_table"],
+                                               args["seq_lens"])
+    gpu = on_device(dev, args)
+    out = dev.nan_like(gpu["q"])
+    lse = dev.full(tuple(want_lse.shape), NAN, torch.float32)
+    got, got_lse = dev.kv.paged_decode(**gpu, out=out, lse=lse, return_lse=True)
+    dev.sync()
+    g, gl = to_numpy_f32(got), to_numpy_f32(got_lse)
+    assert not np.isnan(g).any() and not np.isnan(gl).any()
+    np.testing.assert_allclose(gl, want_lse, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(g, want, **TOL["bfloat16"])

@@ -83,6 +83,7 @@ DEFAULT_BLOCK = 128  # threads per CTA assumed when a kernel declares no __launc
 DYNAMIC_SMEM = {
     "prefill_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
     "prefix_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
+    "paged_attention_kernel": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kBytes"),
 }
 
 # Compile flags of the build (cmake/KvcoreCuda.cmake, CMake's Release flags, C++17).
