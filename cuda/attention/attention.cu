@@ -405,9 +405,10 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 // token-major) of all groups are stacked and cut into 64-row tiles, so the grid is known on the host
 // without any work list and no CTA is empty; groups are contiguous runs of tokens, and a tile that
 // crosses group boundaries runs one pass per group against that group's prefix. Grid: x = row tile,
-// y = kv head, z = split.
+// y = kv head, z = split. The bounds ask for 1 CTA per SM: without it ptxas stops at 168 registers at
+// D = 80/96 on sm_90a and spills.
 template <int D, typename T>
-__global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
+__global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
