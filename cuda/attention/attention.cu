@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 // without any work list and no CTA is empty; groups are contiguous runs of tokens, and a tile that
 // crosses group boundaries runs one pass per group against that group's prefix. Grid: x = row tile,
 // y = kv head, z = split. The bounds ask for 1 CTA per SM: without it ptxas stops at 168 registers at
-// D = 80/96 on sm_90a and spills.
+// D = 80/96 and spills.
 template <int D, typename T>
 __global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
