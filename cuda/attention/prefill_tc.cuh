@@ -7,8 +7,8 @@
 // and row statistics only travel within a lane quad. The warps only meet to load K/V tiles.
 //
 // 64 rows per CTA, not 128: rows are query tokens x the GQA group, so ragged extend batches with
-// short query ranges fill 128-row tiles poorly, and at 64 rows a D <= 128 CTA needs <= 80 KB of
-// shared memory, leaving two CTAs (8 warps) per SM on sm_80 to hide the cp.async latency.
+// short query ranges fill 128-row tiles poorly, and at 64 rows a D = 128 CTA (Q + two K/V stages,
+// 87 KB of shared memory) still fits twice into an sm_90a SM (D = 64: three CTAs on sm_80 and sm_90a).
 #pragma once
 
 #include "../common/device.cuh"
