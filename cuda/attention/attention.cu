@@ -405,44 +405,71 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
                            kBlockTableArg);
 }
 
-// Tensor-core prefix pass of shared-prefix attention: a group's queries stacked into 64-row tiles
-// (tokens x heads of the group) against the group's prefix. Grid: x = row tile within the group,
-// y = kv head, z = group * splits + split.
+// Tensor-core prefix pass of shared-prefix attention. The query rows (token x head of the GQA group,
+// token-major) of all groups are stacked and cut into 64-row tiles, so the grid is known on the host
+// without any work list and no CTA is empty; groups are contiguous runs of tokens, and a tile that
+// crosses group boundaries runs one pass per group against that group's prefix. Grid: x = row tile,
+// y = kv head, z = split. The bounds ask for 1 CTA per SM: without it ptxas stops at 168 registers at
+// D = 80/96 and spills.
 template <int D, typename T>
-__global__ void __launch_bounds__(tc::kThreads) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
+__global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
-  KVCORE_SHARED(int, s_nrows, );
+  KVCORE_SHARED(int, s_seg, [tc::kRows + 1]);  // rows [s_seg[i], s_seg[i + 1]) belong to group s_group[i]
+  KVCORE_SHARED(int, s_group, [tc::kRows]);
+  KVCORE_SHARED(int, s_segs, );
   const AttentionArgs& a = sa.suffix;
-  const int g = blockIdx.z / splits, split = blockIdx.z % splits;
-  const int kv_head = blockIdx.y, group = int(a.p.num_q_heads / a.p.num_kv_heads);
-  const int r0 = sa.group_indptr[g], r1 = sa.group_indptr[g + 1];
-  const int tok0 = a.cu_seqlens_q ? a.cu_seqlens_q[r0] : r0;
-  const int tok1 = a.cu_seqlens_q ? a.cu_seqlens_q[r1] : r1;
-  const int row0 = int(blockIdx.x) * tc::kRows, group_rows = (tok1 - tok0) * group;
-  if (row0 >= group_rows) return;
+  const int kv_head = blockIdx.y, split = blockIdx.z, group = int(a.p.num_q_heads / a.p.num_kv_heads);
   if (threadIdx.x == 0) {
-    const int n = min(tc::kRows, group_rows - row0);
-    int b = r0;
+    const int row0 = int(blockIdx.x) * tc::kRows;
+    const int n = min(tc::kRows, int(a.total_q) * group - row0);
+    // Request and group of the first row (the last one starting at or before it), then walk on.
+    const int token0 = row0 / group;
+    int b = token0, lo = 0, hi = int(a.p.batch) - 1;
+    if (a.cu_seqlens_q) {
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (a.cu_seqlens_q[mid] <= token0) lo = mid;
+        else hi = mid - 1;
+      }
+      b = lo;
+    }
+    lo = 0, hi = int(sa.num_groups) - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (sa.group_indptr[mid] <= b) lo = mid;
+      else hi = mid - 1;
+    }
+    int g = lo, segs = 0;
     for (int i = 0; i < n; ++i) {
-      const int token = tok0 + (row0 + i) / group;
+      const int token = (row0 + i) / group;
       if (a.cu_seqlens_q) {
         while (a.cu_seqlens_q[b + 1] <= token) ++b;
       } else {
         b = token;
+      }
+      while (sa.group_indptr[g + 1] <= b) ++g;
+      if (segs == 0 || s_group[segs - 1] != g) {
+        s_seg[segs] = i;
+        s_group[segs++] = g;
       }
       const int first = a.cu_seqlens_q ? a.cu_seqlens_q[b] : b;
       const int q_len = a.cu_seqlens_q ? a.cu_seqlens_q[b + 1] - first : 1;
       rows[i] = tc::RowSlot{token, kv_head * group + (row0 + i) % group,
                             sa.prefix_lens[g] + a.seq_lens[b] - q_len + (token - first)};
     }
-    s_nrows = n;
+    s_seg[segs] = n;
+    s_segs = segs;
   }
   __syncthreads();
-  const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
-  tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows, s_nrows, split, splits, part, report,
-                           kPrefixBlockTableArg);
+  for (int i = 0; i < s_segs; ++i) {
+    const int g = s_group[i];
+    const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
+    tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows + s_seg[i], s_seg[i + 1] - s_seg[i], split,
+                             splits, part, report, kPrefixBlockTableArg);
+    __syncthreads();  // the next group's pass reuses the shared memory
+  }
 }
 
 // out[t, h] = the LSE-weighted combination of its float partial states in a fixed order: the
@@ -823,7 +850,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
                      " query heads per kv head");
   cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t states = a.total_q * a.p.num_q_heads;
-  // Prefix pass: a group's rows are its query tokens x heads; no group has more than the batch.
+  // Prefix pass: the stacked query rows (tokens x heads of the group) of all groups in 64-row tiles.
   const int64_t prefix_tiles = (a.total_q * group_size(a.p) + tc::kRows - 1) / tc::kRows;
   const int prefix_splits =
       choose_splits(prefix_tiles * a.p.num_kv_heads, sa.max_prefix_pages * a.kv.page_size, a.device.index);
@@ -839,7 +866,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   part.lse = part.o + size_t(sources) * size_t(states) * size_t(a.p.head_dim);
   const WorkList work = work_list_at(a, suffix, scratch.at<int32_t>(tiles_bytes));
   validate_metadata(a, sa, stream);
-  const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(sa.num_groups * prefix_splits));
+  const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(prefix_splits));
   const tc::TcPartials tp{part.o, part.lse, 0};
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {

@@ -1,11 +1,15 @@
 // Tensor-core attention body for many query rows against one KV sequence: prefill/extend tiles and
-// the stacked-query prefix pass of shared-prefix attention. A CTA of 4 warps takes 64 query rows
-// (query tokens x the GQA group of one KV head), streams key tiles through shared memory, and
-// computes S = Q K^T and O += P V with WMMA (mma.sync, sm_80+); the online softmax runs on the
-// warp's own 16 rows in shared memory, so the warps only meet to load K/V tiles.
+// the stacked-query prefix pass of shared-prefix attention, FA2-style. A CTA of 4 warps takes 64
+// query rows (query tokens x the GQA group of one KV head); each warp owns 16 rows. K/V tiles stream
+// through XOR-swizzled (or odd-pitch) shared memory with cp.async, double buffered; S = Q K^T and
+// O += P V run on mma.sync m16n8k16 with S, P and O in registers (P is the S accumulator fragment
+// repacked as the A operand), the online softmax works in base 2 with log2(e) folded into the scale,
+// and row statistics only travel within a lane quad. The warps only meet to load K/V tiles.
+//
+// 64 rows per CTA, not 128: rows are query tokens x the GQA group, so ragged extend batches with
+// short query ranges fill 128-row tiles poorly, and at 64 rows a D = 128 CTA (Q + two K/V stages,
+// 87 KB of shared memory) still fits twice into an sm_90a SM (D = 64: three CTAs on sm_80 and sm_90a).
 #pragma once
-
-#include <mma.h>
 
 #include "../common/device.cuh"
 
@@ -14,28 +18,35 @@
 #include "kvcore/detail/device_error.h"
 #include "kvcore/detail/float16.h"
 #include "kvcore/detail/int4.h"
-#include "../quant/int4_warp.cuh"
 
 namespace kvcore {
 namespace tc {
 
-namespace wmma = nvcuda::wmma;
-
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 64;  // query rows per CTA, 16 per warp
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 template <int D>
 struct Tile {
-  static constexpr int kKeys = D == 256 ? 32 : 64;  // keys per shared-memory tile
-  // Shared memory: Q, K, V tiles (16-bit), S (float), P (16-bit), O (float), row stats.
-  static constexpr size_t kQ = size_t(kRows) * D * 2;
-  static constexpr size_t kK = size_t(kKeys) * D * 2;
-  static constexpr size_t kS = size_t(kRows) * kKeys * 4;
-  static constexpr size_t kP = size_t(kRows) * kKeys * 2;
-  static constexpr size_t kO = size_t(kRows) * D * 4;
-  static constexpr size_t kStats = size_t(kRows) * 4 * 2;
-  static constexpr size_t kBytes = kQ + 2 * kK + kS + kP + kO + kStats;
+  static_assert(D % 16 == 0 && D <= 256, "head_dim a multiple of 16, at most 256");
+  static constexpr int kKeys = D <= 128 ? 64 : 32;  // keys per shared-memory tile
+  static constexpr int kChunks = D / 8;            // 16-byte chunks per K/V/Q row
+  // ldmatrix reads one chunk column of 8 rows: conflict-free when those 8 chunks sit in 8 distinct
+  // 16-byte bank groups. Rows of a multiple of 8 chunks XOR the chunk index with the row; D = 80
+  // and 96 (10, 12 chunks) pad the row to an odd chunk count instead, which has the same effect.
+  static constexpr bool kXor = kChunks % 8 == 0;
+  static constexpr int kPitch = kXor ? kChunks : (kChunks | 1);  // chunks between rows
+  // Q fragments stay in registers up to D = 128; wider heads re-read them from shared memory each
+  // tile (O alone takes D / 2 registers per lane there, Q in registers too would spill).
+  static constexpr bool kQInRegs = D <= 128;
+  static constexpr size_t kQ = size_t(kRows) * kPitch * 16;
+  static constexpr size_t kKV = size_t(kKeys) * kPitch * 16;  // one K or V stage
+  // Float rows of the INT4 rotations and the output staging alias the K/V stages (not in use then).
+  static constexpr size_t kStage = size_t(kRows) * D * 4;
+  static constexpr size_t kArena = 4 * kKV > kStage ? 4 * kKV : kStage;
+  static constexpr size_t kBytes = kQ + kArena;
 };
 
 struct RowSlot {
@@ -51,215 +62,383 @@ struct TcPartials {
   int source_base = 0;
 };
 
-// Eight dequantized INT4 values (rotated basis) as 16-bit floats of the attention dtype.
-__device__ __forceinline__ uint4 dequantize8(const uint8_t* codes, const uint16_t* params, bool bf16) {
-  const float scale = fp16_to_float(params[0]), min = fp16_to_float(params[1]);
-  const uint32_t packed = *reinterpret_cast<const uint32_t*>(codes);
-  uint16_t h[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) h[i] = float_to_half(dequant_value(int((packed >> (4 * i)) & 0xf), scale, min), bf16);
-  return *reinterpret_cast<const uint4*>(h);
+// The 16-bit chunk index of (row, chunk) in a swizzled tile.
+template <int D>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  using TileT = Tile<D>;
+  return row * TileT::kPitch + (TileT::kXor ? (chunk ^ (row & 7)) : chunk);
 }
 
-// rows[0..nrows) (nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split of
-// the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype. A bad page entry
+template <typename T>
+__device__ __forceinline__ uint32_t float_bits16(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(x));
+  else return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return float_bits16<T>(lo) | float_bits16<T>(hi) << 16;
+}
+
+// Eight INT4 codes (element i in bits 4i..4i+3, the CPU's packing) dequantized as code * scale +
+// min in float (exactly dequant_value's rounding) and rounded to T. The codes become exact floats
+// by the magic-number trick: OR-ing a nibble into the mantissa of fp16 1024.0 (0x6400) gives
+// 1024 + code, two codes per lop3.
+template <typename T>
+__device__ __forceinline__ uint4 dequantize8(uint32_t packed, float scale, float min) {
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // Halves of the pair: element i (low) and element i + 4 (high).
+    const uint32_t h2 = ptx::lop3<0xEA>(packed >> (4 * i), 0x000f000fu, 0x64006400u);  // (a & b) | c
+    v[i] = __half2float(__ushort_as_half(uint16_t(h2 & 0xffffu))) - 1024.f;
+    v[i + 4] = __half2float(__ushort_as_half(uint16_t(h2 >> 16))) - 1024.f;
+  }
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#if defined(__CUDA_ARCH__)  // dequant_value's rounding: no fused multiply-add
+    w[i] = pack2<T>(__fadd_rn(__fmul_rn(v[2 * i], scale), min), __fadd_rn(__fmul_rn(v[2 * i + 1], scale), min));
+#else
+    w[i] = pack2<T>(v[2 * i] * scale + min, v[2 * i + 1] * scale + min);
+#endif
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// In-place normalized block Hadamard rotation of a warp's rows of D floats in shared memory (the
+// butterflies of hadamard_block in the same order, so the result equals the CPU's rotate_row /
+// unrotate_row). Any D that the block divides.
+template <int D>
+__device__ void rotate_rows(float* rows, int nrows, int lane, int block, const float* signs, bool inverse) {
+  const int n = nrows * D;
+  if (signs && !inverse)
+    for (int i = lane; i < n; i += 32) rows[i] *= signs[i % D];
+  __syncwarp();
+  for (int h = 1; h < block; h <<= 1) {
+    for (int p = lane; p < n / 2; p += 32) {
+      const int i = (p / h) * 2 * h + p % h;  // pairs never straddle rows: h < block divides D
+      const float a = rows[i], b = rows[i + h];
+      rows[i] = a + b;
+      rows[i + h] = a - b;
+    }
+    __syncwarp();
+  }
+  const float norm = 1.0f / sqrtf(float(block));
+  for (int i = lane; i < n; i += 32) {
+    float x = rows[i] * norm;
+    if (signs && inverse) x *= signs[i % D];
+    rows[i] = x;
+  }
+  __syncwarp();
+}
+
+// rows[0..nrows) (1 <= nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split
+// of the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype. A bad page entry
 // is reported as argument `table_arg` and its keys are masked out, as decode skips them.
 template <int D, typename T>
 __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
                                int kv_head, const RowSlot* rows, int nrows, int split, int num_splits,
                                TcPartials part, DeviceErrorReport* report, int table_arg) {
   using TileT = Tile<D>;
-  constexpr int N = TileT::kKeys;
+  constexpr int N = TileT::kKeys, C = TileT::kChunks, NB = N / 8, DB = D / 8;
+  constexpr int kSlots = 3;  // key tables: tile t is read while t + 1 loads and t + 2 is looked up
   KVCORE_DYNAMIC_SHARED(unsigned char, smem, 128);
-  KVCORE_SHARED(bool, key_ok, [N]);  // whether key k0 + kk of the current tile is on a valid page
-  T* qs = reinterpret_cast<T*>(smem);
-  T* ks = reinterpret_cast<T*>(smem + TileT::kQ);
-  T* vs = reinterpret_cast<T*>(smem + TileT::kQ + TileT::kK);
-  float* ss = reinterpret_cast<float*>(smem + TileT::kQ + 2 * TileT::kK);
-  T* ps = reinterpret_cast<T*>(smem + TileT::kQ + 2 * TileT::kK + TileT::kS);
-  float* os = reinterpret_cast<float*>(smem + TileT::kQ + 2 * TileT::kK + TileT::kS + TileT::kP);
-  float* row_m = reinterpret_cast<float*>(smem + TileT::kQ + 2 * TileT::kK + TileT::kS + TileT::kP + TileT::kO);
-  float* row_l = row_m + kRows;
+  KVCORE_SHARED(int, s_page, [kSlots][N]);      // page of key k0 + kk, -1: past the split or a bad page
+  KVCORE_SHARED(int64_t, s_koff, [kSlots][N]);  // element offset of the key's K row (V: s_voff)
+  KVCORE_SHARED(int64_t, s_voff, [kSlots][N]);
+  KVCORE_SHARED(int, s_bad, [kSlots][2]);      // per looking-up warp: some key of the tile is masked
+  KVCORE_SHARED(float, s_lse, [kRows]);
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* arena = reinterpret_cast<uint16_t*>(smem + TileT::kQ);
+  float* fstage = reinterpret_cast<float*>(smem + TileT::kQ);  // [kRows][D] floats, aliases the K/V stages
+  auto k_stage = [&](int s) { return arena + size_t(s) * (TileT::kKV / 2); };  // K0, K1, V0, V1
+  auto v_stage = [&](int s) { return arena + size_t(2 + s) * (TileT::kKV / 2); };
 
   const AttentionParams& p = a.p;
-  const bool bf16 = p.dtype == DType::BFloat16;
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t4 = lane % 4;  // fragment row group and column pair
   const auto* qbase = static_cast<const uint16_t*>(a.q);
-  uint16_t* qs16 = reinterpret_cast<uint16_t*>(qs);
 
-  // Q tile (rows beyond nrows are zero), O = 0, stats.
-  int qlo = INT32_MAX, qhi = INT32_MIN;
-  for (int r = 0; r < nrows; ++r) {
-    qlo = min(qlo, rows[r].position);
-    qhi = max(qhi, rows[r].position);
-  }
-  if (a.kv.int4) {  // queries rotated like the cached keys, so scores need no un-rotation
-    constexpr int NL = D / 32;
-    for (int r = warp; r < kRows; r += kWarps) {
-      float x[NL];
-#pragma unroll
-      for (int i = 0; i < NL; ++i)
-        x[i] = r < nrows ? half_to_float(qbase[int64_t(rows[r].token) * a.q_token_stride +
-                                               int64_t(rows[r].head) * a.q_head_stride + lane * NL + i], bf16)
-                         : 0.f;
-      warp_rotate<NL>(x, lane, a.kv.rot_block, a.kv.rot_signs, false);
-#pragma unroll
-      for (int i = 0; i < NL; ++i) qs16[r * D + lane * NL + i] = float_to_half(x[i], bf16);
-    }
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads) os[i] = 0.f;
-  } else {
+  // Q tile (rows past nrows are zero). INT4: queries rotated like the cached keys, so scores need
+  // no un-rotation.
+  if (a.kv.int4) {
     for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
       const int r = i / D, d = i % D;
-      qs16[i] = r < nrows ? qbase[int64_t(rows[r].token) * a.q_token_stride + int64_t(rows[r].head) * a.q_head_stride + d]
-                          : uint16_t(0);
-      os[i] = 0.f;
+      fstage[i] = r < nrows ? half_to_float(qbase[int64_t(rows[r].token) * a.q_token_stride +
+                                                  int64_t(rows[r].head) * a.q_head_stride + d], bf16)
+                            : 0.f;
+    }
+    __syncthreads();
+    rotate_rows<D>(fstage + warp * 16 * D, 16, lane, a.kv.rot_block, a.kv.rot_signs, false);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      qs[swizzle<D>(r, d / 8) * 8 + d % 8] = uint16_t(float_bits16<T>(fstage[i]));
+    }
+  } else {
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+      const int r = i / D, d = i % D;  // q rows may be unaligned (fused QKV slices): 16-bit loads, once
+      qs[swizzle<D>(r, d / 8) * 8 + d % 8] =
+          r < nrows ? qbase[int64_t(rows[r].token) * a.q_token_stride + int64_t(rows[r].head) * a.q_head_stride + d]
+                    : uint16_t(0);
     }
   }
-  for (int r = threadIdx.x; r < kRows; r += kThreads) {
-    row_m[r] = -INFINITY;
-    row_l[r] = 0.f;
+
+  // Key range of the CTA (causal: up to its last query, so fully masked tiles are never loaded) and
+  // of this warp's rows (tiles outside it are skipped, tiles inside it need no mask).
+  int qlo = INT32_MAX, qhi = INT32_MIN, wlo = INT32_MAX, whi = INT32_MIN;
+  for (int r = 0; r < nrows; ++r) {
+    const int pos = rows[r].position;
+    qlo = min(qlo, pos);
+    qhi = max(qhi, pos);
+    if (r / 16 == warp) {
+      wlo = min(wlo, pos);
+      whi = max(whi, pos);
+    }
   }
+  const bool warp_active = warp * 16 < nrows;
+  const int last = nrows - 1;
+  const int pos_lo = rows[min(warp * 16 + g, last)].position, pos_hi = rows[min(warp * 16 + g + 8, last)].position;
   const KeyRange kr = visible_key_range(num_keys, 0, qlo, qhi, p.causal, p.window);
   const int64_t len = kr.hi - kr.lo;
   const int begin = int(kr.lo + len * split / num_splits), end = int(kr.lo + len * (split + 1) / num_splits);
-  __syncthreads();
+  const int ntiles = (end - begin + N - 1) / N;
+  const int window = int(p.window), page_size = int(a.kv.page_size);
+  // Scores in base 2: exp(s - m) = 2^(s log2e - m log2e).
+  const float scale_log2 = p.scale * kLog2e;
+  const bool soft_cap = p.soft_cap > 0.f;
 
   const auto* kbase = static_cast<const uint16_t*>(a.kv.k);
   const auto* vbase = static_cast<const uint16_t*>(a.kv.v);
-  constexpr int kVec = 8;  // 16-bit values per 16-byte load
-  for (int k0 = begin; k0 < end; k0 += N) {
-    // K and V tiles; keys past `end` or on a bad page are zero and masked below (key_ok).
-    for (int i = threadIdx.x; i < N * (D / kVec); i += kThreads) {
-      const int kk = i / (D / kVec), c = (i % (D / kVec)) * kVec;
-      const int j = k0 + kk;
-      uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-      bool ok = false;
-      if (j < end) {
-        const int64_t page = pages ? pages[j / a.kv.page_size] : page0;
-        ok = page >= 0 && page < a.kv.num_pages;
-        if (ok && a.kv.int4) {
-          const int64_t row = (j % a.kv.page_size) * p.num_kv_heads + kv_head;
-          kv4 = dequantize8(a.kv.k_codes + page * a.kv.k_codes_page_stride + row * (D / 2) + c / 2,
-                            a.kv.k_params + page * a.kv.k_params_page_stride + row * 2, bf16);
-          vv4 = dequantize8(a.kv.v_codes + page * a.kv.v_codes_page_stride + row * (D / 2) + c / 2,
-                            a.kv.v_params + page * a.kv.v_params_page_stride + row * 2, bf16);
-        } else if (ok) {
-          const int64_t off = ((j % a.kv.page_size) * p.num_kv_heads + kv_head) * D + c;
-          kv4 = *reinterpret_cast<const uint4*>(kbase + page * a.kv.k_page_stride + off);
-          vv4 = *reinterpret_cast<const uint4*>(vbase + page * a.kv.v_page_stride + off);
-        } else if (c == 0) {
-          report_index_error(report, table_arg, j / a.kv.page_size, page, a.kv.num_pages);
+  const int64_t row_stride = p.num_kv_heads;
+
+  // Page of each key of a tile, looked up once per tile (32-bit index math).
+  auto lookup = [&](int tile) {
+    if (threadIdx.x >= N) return;
+    const int slot = tile % kSlots, kk = threadIdx.x, j = begin + tile * N + kk;
+    int page = -1;
+    int64_t koff = 0, voff = 0;
+    if (tile < ntiles && j < end) {
+      const int64_t pg = pages ? int64_t(pages[j / page_size]) : page0;
+      const int64_t row = int64_t(j % page_size) * row_stride + kv_head;
+      if (pg >= 0 && pg < a.kv.num_pages) {
+        page = int(pg);
+        if (a.kv.int4) {
+          koff = row;  // INT4: the row index within the page
+        } else {
+          koff = pg * a.kv.k_page_stride + row * D;
+          voff = pg * a.kv.v_page_stride + row * D;
+        }
+      } else {
+        report_index_error(report, table_arg, j / page_size, pg, a.kv.num_pages);
+      }
+    }
+    s_page[slot][kk] = page;
+    s_koff[slot][kk] = koff;
+    s_voff[slot][kk] = voff;
+    const bool bad = __any_sync(0xffffffffu, page < 0);
+    if (lane == 0) s_bad[slot][warp] = bad;
+  };
+  // K/V of a tile into a stage: cp.async 16-byte copies (zero-filled for masked keys); INT4 rows are
+  // dequantized here, once per tile.
+  auto load = [&](int tile) {
+    if (tile >= ntiles) return;
+    const int slot = tile % kSlots, stage = tile & 1;
+    uint16_t* ks = k_stage(stage);
+    uint16_t* vs = v_stage(stage);
+    for (int i = threadIdx.x; i < N * C; i += kThreads) {
+      const int kk = i / C, c = i % C;
+      const int page = s_page[slot][kk];
+      const int dst = swizzle<D>(kk, c) * 8;
+      if (a.kv.int4) {
+        uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+        if (page >= 0) {
+          const int64_t row = s_koff[slot][kk];
+          const uint16_t* kp = a.kv.k_params + page * a.kv.k_params_page_stride + row * 2;
+          const uint16_t* vp = a.kv.v_params + page * a.kv.v_params_page_stride + row * 2;
+          kv4 = dequantize8<T>(*reinterpret_cast<const uint32_t*>(a.kv.k_codes + page * a.kv.k_codes_page_stride +
+                                                                  row * (D / 2) + c * 4),
+                               __half2float(__ushort_as_half(kp[0])), __half2float(__ushort_as_half(kp[1])));
+          vv4 = dequantize8<T>(*reinterpret_cast<const uint32_t*>(a.kv.v_codes + page * a.kv.v_codes_page_stride +
+                                                                  row * (D / 2) + c * 4),
+                               __half2float(__ushort_as_half(vp[0])), __half2float(__ushort_as_half(vp[1])));
+        }
+        *reinterpret_cast<uint4*>(ks + dst) = kv4;
+        *reinterpret_cast<uint4*>(vs + dst) = vv4;
+      } else {
+        const bool ok = page >= 0;
+        ptx::cp_async_16(ks + dst, kbase + (ok ? s_koff[slot][kk] + c * 8 : 0), ok);
+        ptx::cp_async_16(vs + dst, vbase + (ok ? s_voff[slot][kk] + c * 8 : 0), ok);
+      }
+    }
+  };
+
+  lookup(0);
+  lookup(1);
+  __syncthreads();  // Q tile and the first key tables
+  load(0);
+  ptx::cp_async_commit();
+
+  // Q fragments (A operand, 16 rows x 16 columns per k-step): lane l addresses row l % 8 (+8 for
+  // matrices 1 and 3) at column chunk 2 ks (+1 for matrices 2 and 3).
+  const int a_row = warp * 16 + (lane % 8) + 8 * ((lane / 8) & 1), a_chunk = lane / 16;
+  auto load_q = [&](uint32_t (&qa)[4], int ks) {
+    ptx::ldmatrix<4>(qa, qs + swizzle<D>(a_row, 2 * ks + a_chunk) * 8);
+  };
+  uint32_t qf[TileT::kQInRegs ? D / 16 : 1][4];
+  if constexpr (TileT::kQInRegs) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) load_q(qf[ks], ks);
+  }
+  // K (B operand of S, [key][d] rows): matrices 0, 1 = keys +0..7 at chunks 2ks, 2ks+1; 2, 3 = keys
+  // +8..15. V (B operand of O, ldmatrix.trans of [key][d]): 0, 1 = keys +0..7, +8..15 at chunk 2dp;
+  // 2, 3 the same at chunk 2dp + 1.
+  const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) & 1;
+  const int v_row = (lane % 8) + 8 * ((lane / 8) & 1), v_chunk = lane / 16;
+
+  float o[DB][4];
+#pragma unroll
+  for (int i = 0; i < DB; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8; l is this lane's share
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    lookup(tile + 2);
+    load(tile + 1);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // this thread's copies of `tile` landed
+    __syncthreads();          // everyone's copies, and the key table of tile + 1
+    const int slot = tile % kSlots, k0 = begin + tile * N;
+    const bool skip = !warp_active || (p.causal && k0 > whi) || (window > 0 && k0 + N - 1 <= wlo - window);
+    if (!skip) {
+      const uint16_t* kt = k_stage(tile & 1);
+      const uint16_t* vt = v_stage(tile & 1);
+      float s[NB][4];
+#pragma unroll
+      for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t qa[4];
+        if constexpr (TileT::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) qa[i] = qf[ks][i];
+        } else {
+          load_q(qa, ks);
+        }
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+          uint32_t kb[4];
+          ptx::ldmatrix<4>(kb, kt + swizzle<D>(nb * 8 + k_row, 2 * ks + k_chunk) * 8);
+          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          ptx::mma_m16n8k16<T>(s[nb], qa, b0, s[nb]);
+          ptx::mma_m16n8k16<T>(s[nb + 1], qa, b1, s[nb + 1]);
         }
       }
-      if (c == 0) key_ok[kk] = ok;
-      *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(ks) + kk * D + c) = kv4;
-      *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(vs) + kk * D + c) = vv4;
-    }
-    __syncthreads();
-
-    // S[16 rows of this warp][N] = Q K^T
-    const int r0 = warp * 16;
-    for (int n = 0; n < N / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
+      // Scores (base 2), masked only on tiles that straddle the split end, a bad page or the
+      // causal / window edge of this warp's rows.
+      const bool edge = s_bad[slot][0] | (N > 32 ? s_bad[slot][1] : 0) || (p.causal && k0 + N - 1 > wlo) ||
+                        (window > 0 && k0 <= whi - window);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, qs + r0 * D + kk * 16, D);
-        wmma::load_matrix_sync(fb, ks + n * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc, fa, fb, acc);
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x = soft_cap ? cap_logit(s[nb][i] * p.scale, p.soft_cap) * kLog2e : s[nb][i] * scale_log2;
+          if (edge) {
+            const int kk = nb * 8 + 2 * t4 + (i & 1);
+            if (s_page[slot][kk] < 0 || !key_visible(k0 + kk, i < 2 ? pos_lo : pos_hi, p.causal, window)) x = -INFINITY;
+          }
+          s[nb][i] = x;
+        }
+      // Online softmax: row max over the lane quad, P = 2^(S - m), O and l rescaled.
+      float mx[2] = {m[0], m[1]};
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[nb][0], s[nb][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[nb][2], s[nb][3]));
       }
-      wmma::store_matrix_sync(ss + r0 * N + n * 16, acc, N, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Online softmax on the warp's rows; P = exp(S - m), O *= correction.
-    for (int rr = 0; rr < 16; ++rr) {
-      const int r = r0 + rr;
-      const bool valid = r < nrows;
-      float s_local[N / 32];
-      float mx = -INFINITY;
+      float corr[2], base[2];
 #pragma unroll
-      for (int c = 0; c < N / 32; ++c) {
-        const int col = lane + 32 * c, j = k0 + col;
-        float s = -INFINITY;
-        if (valid && j < end && key_ok[col] && key_visible(j, rows[r].position, p.causal, p.window))
-          s = cap_logit(ss[r * N + col] * p.scale, p.soft_cap);
-        s_local[c] = s;
-        mx = fmaxf(mx, s);
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // no visible key yet: every P is 0, not NaN
+        corr[r] = ptx::ex2(m[r] - base[r]);
+        m[r] = mx[r];
+        l[r] *= corr[r];
       }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = row_m[r];
-      const float m_new = fmaxf(m_old, mx);
-      float sum = 0.f;
+      for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-      for (int c = 0; c < N / 32; ++c) {
-        const float e = m_new == -INFINITY ? 0.f : __expf(s_local[c] - m_new);
-        sum += e;
-        reinterpret_cast<uint16_t*>(ps)[r * N + lane + 32 * c] = float_to_half(e, bf16);
-      }
+        for (int i = 0; i < 4; ++i) {
+          s[nb][i] = ptx::ex2(s[nb][i] - base[i / 2]);
+          l[i / 2] += s[nb][i];
+        }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      const float correction = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-      for (int d = lane; d < D; d += 32) os[r * D + d] *= correction;
-      __syncwarp();
-      if (lane == 0) {
-        row_m[r] = m_new;
-        row_l[r] = row_l[r] * correction + sum;
+      for (int db = 0; db < DB; ++db) {
+        o[db][0] *= corr[0];
+        o[db][1] *= corr[0];
+        o[db][2] *= corr[1];
+        o[db][3] *= corr[1];
       }
-    }
-    __syncwarp();
-
-    // O[16 rows][D] += P V
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, os + r0 * D + n * 16, D, wmma::mem_row_major);
+      // O += P V: the accumulators of key blocks 2kk, 2kk + 1 are the A fragment of k-step kk.
 #pragma unroll
       for (int kk = 0; kk < N / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, ps + r0 * N + kk * 16, N);
-        wmma::load_matrix_sync(fb, vs + kk * 16 * D + n * 16, D);
-        wmma::mma_sync(acc, fa, fb, acc);
+        const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < DB; dp += 2) {
+          uint32_t vb[4];
+          ptx::ldmatrix<4, true>(vb, vt + swizzle<D>(kk * 16 + v_row, dp + v_chunk) * 8);
+          const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+          ptx::mma_m16n8k16<T>(o[dp], pa, b0, o[dp]);
+          ptx::mma_m16n8k16<T>(o[dp + 1], pa, b1, o[dp + 1]);
+        }
       }
-      wmma::store_matrix_sync(os + r0 * D + n * 16, acc, D, wmma::mem_row_major);
     }
-    __syncthreads();  // K/V tiles are reloaded next
+    __syncthreads();  // the stage is refilled next iteration
   }
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // the K/V stages become the output staging rows
 
-  if (a.kv.int4) {  // V's rotation undone on the output (linear, so before normalizing is fine)
-    constexpr int NL = D / 32;
-    for (int rr = 0; rr < 16; ++rr) {
-      const int r = warp * 16 + rr;
-      float x[NL];
+  // Row sums over the quad; O into the staging rows, normalized.
+  float* orow = fstage + warp * 16 * D;
 #pragma unroll
-      for (int i = 0; i < NL; ++i) x[i] = os[r * D + lane * NL + i];
-      warp_rotate<NL>(x, lane, a.kv.rot_block, a.kv.rot_signs, true);
-#pragma unroll
-      for (int i = 0; i < NL; ++i) os[r * D + lane * NL + i] = x[i];
-    }
-    __syncwarp();
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+#pragma unroll
+  for (int db = 0; db < DB; ++db) {
+    const int d = db * 8 + 2 * t4;
+    orow[g * D + d] = o[db][0] * inv[0];
+    orow[g * D + d + 1] = o[db][1] * inv[0];
+    orow[(g + 8) * D + d] = o[db][2] * inv[1];
+    orow[(g + 8) * D + d + 1] = o[db][3] * inv[1];
+  }
+  if (t4 == 0) {
+    s_lse[warp * 16 + g] = l[0] > 0.f ? m[0] * kLn2 + __logf(l[0]) : -INFINITY;  // natural log
+    s_lse[warp * 16 + g + 8] = l[1] > 0.f ? m[1] * kLn2 + __logf(l[1]) : -INFINITY;
+  }
+  __syncwarp();
+  // V's rotation undone on the output (linear, so after normalizing is fine).
+  if (a.kv.int4) rotate_rows<D>(orow, 16, lane, a.kv.rot_block, a.kv.rot_signs, true);
 
-  // Normalize and write this warp's rows.
+  // This warp's rows, lanes along head_dim.
   for (int rr = 0; rr < 16; ++rr) {
     const int r = warp * 16 + rr;
     if (r >= nrows) break;
-    const float l = row_l[r];
-    const float lse = l > 0.f ? row_m[r] + __logf(l) : -INFINITY;
+    const float lse = s_lse[r];
     const int64_t token = rows[r].token, head = rows[r].head;
-    for (int d = lane; d < D; d += 32) {
-      const float o = l > 0.f ? os[r * D + d] / l : 0.f;
-      if (part.o) {
-        const int64_t state = (int64_t(part.source_base + split) * a.total_q + token) * p.num_q_heads + head;
-        part.o[state * D + d] = o;
-        if (d == 0) part.lse[state] = lse;
-      } else {
-        static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] = float_to_half(o, bf16);
-        if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
-      }
+    if (part.o) {
+      const int64_t state = (int64_t(part.source_base + split) * a.total_q + token) * p.num_q_heads + head;
+      for (int d = lane; d < D; d += 32) part.o[state * D + d] = orow[rr * D + d];
+      if (lane == 0) part.lse[state] = lse;
+    } else {
+      uint16_t* out = static_cast<uint16_t*>(a.out) + token * a.o_token_stride + head * a.o_head_stride;
+      for (int d = lane; d < D; d += 32) out[d] = uint16_t(float_bits16<T>(orow[rr * D + d]));
+      if (lane == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
     }
   }
 }

@@ -99,6 +99,20 @@ def test_paged_attention_cuda_equals_cpu(dev, rng, mode, head_dim, heads, page_s
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("page_size", [7, 16])
+@pytest.mark.parametrize("heads", list(HEAD_CONFIGS))
+@pytest.mark.parametrize("head_dim", [80, 96, 192])
+@pytest.mark.parametrize("mode", ["causal", "non_causal"])
+def test_prefill_cuda_equals_cpu_head_dims_80_96_192(dev, rng, mode, head_dim, heads, page_size, dtype):
+    """The tensor-core prefill path at the head dims whose rows are not a multiple of 8 chunks
+    (80, 96: odd-pitch shared memory) or take Q from shared memory each tile (192)."""
+    hq, hkv = HEAD_CONFIGS[heads]
+    args = paged_case(rng, dtype, batch=5, hq=hq, hkv=hkv, d=head_dim, page_size=page_size, max_len=120,
+                      decode=False)
+    compare_paged(dev, args, causal=mode == "causal")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 @pytest.mark.parametrize("mode", ["decode", "causal", "non_causal"])
 def test_paged_attention_cuda_options(dev, rng, mode, options, dtype):
@@ -258,6 +272,20 @@ def test_shared_prefix_cuda_equals_cpu(dev, rng, mode, heads, head_dim, page_siz
     prefix_lens = [int(rng.integers(1, 400)), 0, int(rng.integers(0, 10)), int(rng.integers(1, 400)), 17]
     args = shared_case(rng, dtype, group_sizes=group_sizes, prefix_lens=prefix_lens, decode=mode == "decode",
                        hq=hq, hkv=hkv, d=head_dim, page_size=page_size, max_suffix=60)
+    compare_shared(dev, args, **opts)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("options", list(SHARED_OPTIONS))
+@pytest.mark.parametrize("heads,head_dim,page_size", [("gqa4", 80, 16), ("gqa8", 96, 7), ("gqa4", 192, 16)])
+@pytest.mark.parametrize("mode", ["causal", "non_causal"])
+def test_shared_prefix_prefill_cuda_head_dims_80_96_192(dev, rng, mode, heads, head_dim, page_size, options, dtype):
+    hq, hkv = HEAD_CONFIGS[heads]
+    opts = dict(SHARED_OPTIONS[options], causal=mode == "causal")
+    group_sizes = [3, 1, 0, 9, 2]
+    prefix_lens = [int(rng.integers(1, 400)), 0, int(rng.integers(0, 10)), int(rng.integers(1, 400)), 17]
+    args = shared_case(rng, dtype, group_sizes=group_sizes, prefix_lens=prefix_lens, decode=False, hq=hq, hkv=hkv,
+                       d=head_dim, page_size=page_size, max_suffix=60)
     compare_shared(dev, args, **opts)
 
 
@@ -556,6 +584,18 @@ def test_unsupported_head_dims_are_rejected_on_cuda(dev, rng, head_dim):
     out = dev.nan_like(gpu["q"])
     with pytest.raises(ValueError, match=rf"head_dim {head_dim} is not supported"):
         dev.kv.paged_decode(**gpu, out=out, lse=dev.full((2, 4), NAN, torch.float32))
+    assert np.isnan(to_numpy_f32(out)).all()
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_float32_attention_is_cpu_only(dev, rng, mode):
+    """float32 KV runs on the CPU backend; on CUDA the op names q and writes nothing."""
+    args = paged_case(rng, "float32", batch=2, hq=4, hkv=2, d=64, page_size=8, max_len=20, decode=mode == "decode")
+    gpu = on_device(dev, args)
+    out = dev.nan_like(gpu["q"])
+    op = dev.kv.paged_decode if mode == "decode" else dev.kv.paged_prefill
+    with pytest.raises(ValueError, match="q: float32 attention runs on the CPU backend"):
+        op(**gpu, out=out)
     assert np.isnan(to_numpy_f32(out)).all()
 
 
