@@ -125,6 +125,14 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
   }
 }
 
+// A lane's chunk `ch` of row `key` of a shared-memory tile as floats (zeros past head_dim).
+template <int D, bool BF16>
+__device__ __forceinline__ void tile_chunk(const uint16_t* tile, int key, int ch, bool ch_ok, float (&f)[8]) {
+  uint4 raw = make_uint4(0, 0, 0, 0);
+  if (ch_ok) raw = *reinterpret_cast<const uint4*>(tile + key * D + ch * 8);
+  unpack8<BF16>(raw, f);
+}
+
 // rows[0..nrows) (nrows <= R) against keys [0, num_keys) at positions key_base + j of one KV
 // sequence (page list `pages`, or the single page `page0`), split `sp` of the visible range.
 // BF16: the cache dtype; Cap: soft cap on. A bad page entry is reported (debug mode) as argument
@@ -273,10 +281,8 @@ __device__ void attend_tiled(const AttentionArgs& a, const int32_t* pages, int p
 #pragma unroll
     for (int st = 0; st < TileT::kSteps; ++st) {
       const int key = key0 + st * KS;
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (ch_ok) raw = *reinterpret_cast<const uint4*>(kt + key * D + ch * 8);
       float kf[8];
-      unpack8<BF16>(raw, kf);
+      tile_chunk<D, BF16>(kt, key, ch, ch_ok, kf);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float d0 = q[r][0] * kf[0], d1 = q[r][1] * kf[1];
@@ -329,10 +335,8 @@ __device__ void attend_tiled(const AttentionArgs& a, const int32_t* pages, int p
 #pragma unroll
     for (int st = 0; st < TileT::kSteps; ++st) {
       const int key = key0 + st * KS;
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (ch_ok) raw = *reinterpret_cast<const uint4*>(vt + key * D + ch * 8);
       float vf[8];
-      unpack8<BF16>(raw, vf);
+      tile_chunk<D, BF16>(vt, key, ch, ch_ok, vf);
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
