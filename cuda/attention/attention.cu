@@ -21,8 +21,6 @@
 #include "kvcore/cuda_utils.h"
 #include "kvcore/detail/attention_math.h"
 #include "kvcore/detail/float16.h"
-#include "../quant/int4_warp.cuh"
-#include "kvcore/detail/int4.h"
 #include "decode.cuh"
 #include "prefill_tc.cuh"
 
@@ -47,157 +45,6 @@ constexpr int kPrefixLensArg = 4;
 constexpr int kGroupIndptrArg = 5;
 #define KVCORE_ATTENTION_ARG_NAMES \
   { "seq_lens", "block_table", "prefix_block_table", "cu_seqlens_q", "prefix_lens", "group_indptr" }
-
-// A lane's N values of an INT4 row (rotated basis): N/2 code bytes and the row's (scale, min).
-template <int N>
-__device__ __forceinline__ void load_int4_lane(const uint8_t* codes, const uint16_t* params, int64_t row, int lane,
-                                               float (&out)[N]) {
-  const uint8_t* c = codes + row * (32 * N / 2) + lane * (N / 2);
-  const float scale = fp16_to_float(params[row * 2]), min = fp16_to_float(params[row * 2 + 1]);
-#pragma unroll
-  for (int i = 0; i < N; i += 2) {
-    const uint8_t byte = c[i / 2];
-    out[i] = dequant_value(byte & 0xf, scale, min);
-    out[i + 1] = dequant_value(byte >> 4, scale, min);
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// INT4 KV on CUDA cores (the 16-bit caches take decode::attend_tiled): rows[0..nrows) against keys
-// [0, num_keys) at positions key_base + j of one KV sequence (page list `pages`, or the single page
-// `page0`), split `sp` of the visible range; a warp per key, lanes splitting head_dim.
-template <int D>
-__device__ void attend_rows_int4(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
-                                 int key_base, int kv_head, const Row* rows, int nrows, Split sp, Partials part,
-                                 DeviceErrorReport* report) {
-  static_assert(D % 32 == 0, "the warp rotation takes D / 32 values per lane");
-  constexpr int N = D / 32;
-  const AttentionParams& p = a.p;
-  const bool bf16 = p.dtype == DType::BFloat16;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-  KVCORE_SHARED(float, s_m, [kWarps][kMaxRows]);
-  KVCORE_SHARED(float, s_l, [kWarps][kMaxRows]);
-  KVCORE_SHARED(float, s_acc, [kWarps][kMaxRows][D]);
-  KVCORE_SHARED(float, s_out, [kMaxRows][D]);
-  KVCORE_SHARED(float, s_lse, [kMaxRows]);
-
-  float q[kMaxRows][N], acc[kMaxRows][N], m[kMaxRows], l[kMaxRows];
-  int qlo = INT32_MAX, qhi = INT32_MIN;
-#pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc[r][i] = 0.f;
-    if (r < nrows) {
-      const uint16_t* qrow = static_cast<const uint16_t*>(a.q) + int64_t(rows[r].token) * a.q_token_stride +
-                             int64_t(rows[r].head) * a.q_head_stride + lane * N;
-#pragma unroll
-      for (int i = 0; i < N; ++i) q[r][i] = half_to_float(qrow[i], bf16);  // q may be unaligned: scalar loads
-      warp_rotate<N>(q[r], lane, a.kv.rot_block, a.kv.rot_signs, false);  // rotated-basis scores
-      qlo = min(qlo, rows[r].position);
-      qhi = max(qhi, rows[r].position);
-    }
-  }
-  const KeyRange kr = decode::split_keys(visible_key_range(num_keys, key_base, qlo, qhi, p.causal, p.window), sp);
-  const int64_t begin = kr.lo, end = kr.hi;
-  const int64_t page_size = a.kv.page_size;
-  for (int64_t j = begin + warp; j < end; j += kWarps) {
-    const int64_t page = pages ? pages[j / page_size] : page0;
-    if (page < 0 || page >= a.kv.num_pages) {  // a bad block-table entry: skip, report in debug mode
-      if (lane == 0) report_index_error(report, kBlockTableArg, j / page_size, page, a.kv.num_pages);
-      continue;
-    }
-    const int64_t kv_row = (j % page_size) * p.num_kv_heads + kv_head;
-    float kf[N], vf[N];
-    load_int4_lane<N>(a.kv.k_codes + page * a.kv.k_codes_page_stride, a.kv.k_params + page * a.kv.k_params_page_stride,
-                      kv_row, lane, kf);
-    load_int4_lane<N>(a.kv.v_codes + page * a.kv.v_codes_page_stride, a.kv.v_params + page * a.kv.v_params_page_stride,
-                      kv_row, lane, vf);
-    const int kpos = key_base + int(j);
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) {
-      if (r >= nrows || !key_visible(kpos, rows[r].position, p.causal, p.window)) continue;  // warp-uniform
-      float dot = 0.f;
-#pragma unroll
-      for (int i = 0; i < N; ++i) dot += q[r][i] * kf[i];
-      const float s = cap_logit(warp_sum(dot) * p.scale, p.soft_cap);
-      if (s > m[r]) {
-        const float correction = __expf(m[r] - s);
-        l[r] *= correction;
-#pragma unroll
-        for (int i = 0; i < N; ++i) acc[r][i] *= correction;
-        m[r] = s;
-      }
-      const float e = __expf(s - m[r]);
-      l[r] += e;
-#pragma unroll
-      for (int i = 0; i < N; ++i) acc[r][i] += e * vf[i];
-    }
-  }
-
-  // Combine the warps' states.
-#pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) {
-    if (r >= nrows) continue;
-    if (lane == 0) {
-      s_m[warp][r] = m[r];
-      s_l[warp][r] = l[r];
-    }
-#pragma unroll
-    for (int i = 0; i < N; ++i) s_acc[warp][r][lane * N + i] = acc[r][i];
-  }
-  __syncthreads();
-  // Normalized rows into s_acc[0] (each element is read by its own thread only before the barrier).
-  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
-    float sum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = __expf(s_m[w][r] - mx);  // 0 for warps that saw no key
-        sum += s_l[w][r] * f;
-        o += s_acc[w][r][d] * f;
-      }
-    }
-    s_out[r][d] = sum > 0.f ? o / sum : 0.f;
-    if (d == 0) s_lse[r] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
-  }
-  __syncthreads();
-  {  // V's rotation undone on the output
-    for (int r = warp; r < nrows; r += kWarps) {
-      float o[N];
-#pragma unroll
-      for (int i = 0; i < N; ++i) o[i] = s_out[r][lane * N + i];
-      warp_rotate<N>(o, lane, a.kv.rot_block, a.kv.rot_signs, true);
-#pragma unroll
-      for (int i = 0; i < N; ++i) s_out[r][lane * N + i] = o[i];
-    }
-    __syncthreads();
-  }
-  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    const float out = s_out[r][d], lse = s_lse[r];
-    const int64_t token = rows[r].token, head = rows[r].head;
-    if (float* po = decode::partial_o(part, sp)) {
-      const int64_t state = decode::partial_state(a, part, sp, int(token), int(head));
-      po[state * D + d] = out;
-      if (d == 0) decode::partial_lse(part, sp)[state] = lse;
-    } else {
-      static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] = float_to_half(out, bf16);
-      if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
-    }
-  }
-}
 
 // Rows of one tile: `tokens` consecutive query tokens of request b times `heads` heads of the group.
 struct TileShape {
@@ -353,21 +200,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
   KVCORE_SHARED(CtaRows, c, );
   if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
   const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(c.b) * a.kv.block_table_stride : nullptr;
-  decode::attend_tiled<D, R, std::is_same_v<T, __nv_bfloat16>, Cap>(
+  decode::attend_tiled<D, R, T, Cap>(
       a, pages, c.b, c.seq, 0, int(blockIdx.y / shape.head_chunks), c.rows, c.nrows, c.sp, part, report,
       kBlockTableArg);
-}
-
-template <int D>
-__global__ void __launch_bounds__(kThreads) paged_attention_int4_kernel(AttentionArgs a, TileShape shape,
-                                                                        const int32_t* tile_offsets, Partials part,
-                                                                        WorkList work, DeviceErrorReport* report) {
-  if (cta_report_failed(report)) return;  // metadata failed its debug check
-  KVCORE_SHARED(CtaRows, c, );
-  if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
-  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(c.b) * a.kv.block_table_stride : nullptr;
-  attend_rows_int4<D>(a, pages, c.b, c.seq, 0, int(blockIdx.y / shape.head_chunks), c.rows, c.nrows, c.sp, part,
-                      report);
 }
 
 // Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
@@ -610,13 +445,19 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
-// Decode lanes load D/32 16-bit values at once and the tensor-core tiles 16 bytes at once, so pages
-// must be 16-byte aligned (INT4 codes: 4-byte aligned).
+// K/V tiles are copied 16 bytes at once, so pages must be 16-byte aligned; INT4 code rows are
+// copied in 16 (or, when D / 2 is no multiple of 16, 8) bytes and (scale, min) pairs in 4.
 void check_kv_alignment(const PagedKV& kv, int64_t d) {
   if (kv.int4) {
-    const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k_codes) | reinterpret_cast<uintptr_t>(kv.v_codes) |
-                           uintptr_t(kv.k_codes_page_stride) | uintptr_t(kv.v_codes_page_stride);
-    KVCORE_CHECK_VALUE(bits % 4 == 0, "k_codes/v_codes: CUDA attention needs 4-byte aligned pages");
+    const uintptr_t codes = reinterpret_cast<uintptr_t>(kv.k_codes) | reinterpret_cast<uintptr_t>(kv.v_codes) |
+                            uintptr_t(kv.k_codes_page_stride) | uintptr_t(kv.v_codes_page_stride);
+    const uintptr_t need = (d / 2) % 16 == 0 ? 16 : 8;
+    KVCORE_CHECK_VALUE(codes % need == 0, "k_codes/v_codes: CUDA attention with head_dim ", d,
+                       " needs page addresses and strides aligned to ", need, " bytes");
+    const uintptr_t params = reinterpret_cast<uintptr_t>(kv.k_params) | reinterpret_cast<uintptr_t>(kv.v_params) |
+                             uintptr_t(kv.k_params_page_stride * 2) | uintptr_t(kv.v_params_page_stride * 2);
+    KVCORE_CHECK_VALUE(params % 4 == 0, "k_params/v_params: CUDA attention needs page addresses and strides aligned "
+                       "to 4 bytes");
     return;
   }
   const uintptr_t bits = reinterpret_cast<uintptr_t>(kv.k) | reinterpret_cast<uintptr_t>(kv.v) |
@@ -639,12 +480,6 @@ void dispatch_head_dim(int64_t d, F&& f) {
   }
 }
 
-// The INT4 kernels rotate with D / 32 values per lane.
-void check_int4_head_dim(const PagedKV& kv, int64_t d) {
-  KVCORE_CHECK_VALUE(!kv.int4 || d == 64 || d == 128 || d == 256, "head_dim ", d,
-                     " is not supported by the CUDA INT4 kernels (expected 64, 128 or 256)");
-}
-
 int64_t max_keys(const PagedKV& kv) { return kv.block_table ? kv.max_pages * kv.page_size : kv.page_size; }
 
 // Launches the CUDA-core kernel (decode, or groups wider than a tensor-core tile): grid x = work
@@ -658,12 +493,7 @@ template <int D>
 void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, const TileShape& shape,
                     const int32_t* tile_offsets, Partials part, WorkList work) {
   DeviceErrorReport* report = device_error_report();
-  if (a.kv.int4) {
-    if constexpr (D == 64 || D == 128 || D == 256)  // check_int4_head_dim refuses the others
-      launch_kernel(paged_attention_int4_kernel<D>, grid, kThreads, 0, stream, a, shape, tile_offsets, part, work, report);
-    return;
-  }
-  const size_t smem = decode::Tile<D>::kBytes;
+  const size_t smem = a.kv.int4 ? decode::Tile<D>::kInt4Bytes : decode::Tile<D>::kBytes;
   auto run = [&](auto kernel) {
     KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_kernel(kernel, grid, kThreads, smem, stream, a, shape, tile_offsets, part, work, report);
@@ -681,7 +511,8 @@ void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, cons
     if (a.p.soft_cap > 0.f) by_rows(t, std::true_type{});
     else by_rows(t, std::false_type{});
   };
-  if (a.p.dtype == DType::BFloat16) by_cap(TypeTag<__nv_bfloat16>{});
+  if (a.kv.int4) by_cap(TypeTag<decode::Int4KV>{});
+  else if (a.p.dtype == DType::BFloat16) by_cap(TypeTag<__nv_bfloat16>{});
   else by_cap(TypeTag<__half>{});
 }
 
@@ -814,7 +645,6 @@ void attention_cuda(const AttentionArgs& a, StreamHandle stream_handle) {
   if (a.total_q == 0 || a.p.batch == 0) return;
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
-  check_int4_head_dim(a.kv, a.p.head_dim);
   cudaStream_t stream = to_cuda_stream(stream_handle);
   const PassPlan plan = plan_paged(a);
   const int64_t states = a.total_q * a.p.num_q_heads;
@@ -845,7 +675,6 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   if (a.total_q == 0 || a.p.batch == 0) return;
   CudaDeviceGuard guard(a.device.index);
   check_kv_alignment(a.kv, a.p.head_dim);
-  check_int4_head_dim(a.kv, a.p.head_dim);
   KVCORE_CHECK_VALUE(group_size(a.p) <= tc::kRows, "shared-prefix attention on CUDA supports at most ", tc::kRows,
                      " query heads per kv head");
   cudaStream_t stream = to_cuda_stream(stream_handle);

@@ -18,6 +18,7 @@
 #include "kvcore/detail/device_error.h"
 #include "kvcore/detail/float16.h"
 #include "kvcore/detail/int4.h"
+#include "../quant/int4_warp.cuh"
 
 namespace kvcore {
 namespace tc {
@@ -103,33 +104,6 @@ __device__ __forceinline__ uint4 dequantize8(uint32_t packed, float scale, float
 #endif
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// In-place normalized block Hadamard rotation of a warp's rows of D floats in shared memory (the
-// butterflies of hadamard_block in the same order, so the result equals the CPU's rotate_row /
-// unrotate_row). Any D that the block divides.
-template <int D>
-__device__ void rotate_rows(float* rows, int nrows, int lane, int block, const float* signs, bool inverse) {
-  const int n = nrows * D;
-  if (signs && !inverse)
-    for (int i = lane; i < n; i += 32) rows[i] *= signs[i % D];
-  __syncwarp();
-  for (int h = 1; h < block; h <<= 1) {
-    for (int p = lane; p < n / 2; p += 32) {
-      const int i = (p / h) * 2 * h + p % h;  // pairs never straddle rows: h < block divides D
-      const float a = rows[i], b = rows[i + h];
-      rows[i] = a + b;
-      rows[i + h] = a - b;
-    }
-    __syncwarp();
-  }
-  const float norm = 1.0f / sqrtf(float(block));
-  for (int i = lane; i < n; i += 32) {
-    float x = rows[i] * norm;
-    if (signs && inverse) x *= signs[i % D];
-    rows[i] = x;
-  }
-  __syncwarp();
 }
 
 // rows[0..nrows) (1 <= nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split

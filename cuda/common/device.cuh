@@ -27,9 +27,15 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 
 namespace ptx {
 // The harness's emulation of each instruction (tests/simt/runtime/ptx.cpp); meanings as below.
+template <int Bytes>
+inline void cp_async(void* smem, const void* gmem, bool pred, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  ::simt::cp_async(smem, gmem, Bytes, pred ? Bytes : 0, file, line);
+}
 inline void cp_async_16(void* smem, const void* gmem, bool pred, const char* file = __builtin_FILE(),
                         int line = __builtin_LINE()) {
-  ::simt::cp_async(smem, gmem, 16, pred ? 16 : 0, file, line);
+  cp_async<16>(smem, gmem, pred, file, line);
 }
 inline void cp_async_commit() { ::simt::cp_async_commit(); }
 template <int N>
@@ -101,6 +107,17 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
                "r"(pred ? 16 : 0));
+}
+// cp.async of 4, 8 (.ca: the only form for them, cached in L1) or 16 bytes (.cg); zero-filled when
+// !pred.
+template <int Bytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool pred) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (Bytes == 16)
+    cp_async_16(smem, gmem, pred);
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(shared_address(smem)), "l"(gmem), "n"(Bytes),
+                 "r"(pred ? Bytes : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N of this thread's committed groups are still in flight.

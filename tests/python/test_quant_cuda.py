@@ -2,7 +2,9 @@
 append_kv_int4 codes and params bit-identical to the CPU backend (and to the numpy reference of
 test_quant.py) for every head dim, input dtype, block size and with or without signs; hadamard_transform and dequantize_kv_int4 bit-identical to the CPU; INT4 attention
 (decode incl. split-KV over long contexts, prefill, shared prefix, virtual layout) within tolerance of
-the CPU backend, which test_quant.py checks against the float64 reference; debug-mode index reports."""
+the CPU backend, which test_quant.py checks against the float64 reference; decode needles at split,
+tile and page boundaries against a float64 reference on the dequantized caches; debug-mode index
+reports."""
 
 from __future__ import annotations
 
@@ -321,6 +323,7 @@ ATTN_CASES = [  # (head_dim, heads, page_size, block, signs)
     (128, "gqa4", 1, 32, True), (128, "gqa8", 7, None, False), (128, "mha", 16, 64, True),
     (128, "gqa4", 16, 4, True),
     (256, "mqa", 1, None, True), (256, "gqa4", 7, 128, False), (256, "gqa8", 16, 256, True),
+    (80, "gqa4", 7, 16, True), (96, "gqa8", 16, 32, False), (192, "mha", 1, 64, True),
 ]
 
 
@@ -411,6 +414,37 @@ def test_shared_prefix_int4_cuda_equals_cpu(dev, rng, mode, options):
     want, want_lse = op(**cpu, return_lse=True, **opts)
     got, got_lse = run_on_device(dev, op, on_device(dev, cpu), want_lse.shape, **opts)
     assert_close(got, want, "bfloat16", got_lse, want_lse)
+
+
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("page_size", [16, 7])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 192, 256])
+def test_int4_decode_needles_at_split_and_tile_boundaries(dev, rng, head_dim, page_size, group):
+    """The bf16 needle case of test_attention_cuda.py (keys scoring ~10 above the rest at every tile,
+    split and page boundary) written as INT4 with signs: a key lost or counted twice at a boundary
+    moves the LSE by ~1 / (number of needles), against 1e-5 relative here. The float64 reference
+    runs on the dequantized caches (the rotation is orthogonal, so scores are the same)."""
+    from attention_reference import paged_attention_reference
+    from test_attention_cuda import needle_case
+
+    hkv = 2
+    case = needle_case(rng, head_dim, hkv, group, page_size, [2100, 1, 333, 1000])
+    num_pages = case["k_cache"].shape[0]
+    slots = num_pages * page_size
+    block, signs = head_dim & -head_dim, make_signs(head_dim, True)  # the largest power-of-two block
+    caches = int4_caches(num_pages, page_size, hkv, head_dim)
+    kvcore.append_kv_int4(case["k_cache"].reshape(slots, hkv, head_dim), case["v_cache"].reshape(slots, hkv, head_dim),
+                          *caches, np.arange(slots, dtype=np.int32), block_size=block, signs=signs)
+    k_deq = kvcore.dequantize_kv_int4(caches[0], caches[1], block_size=block, signs=signs)
+    v_deq = kvcore.dequantize_kv_int4(caches[2], caches[3], block_size=block, signs=signs)
+    want, want_lse = paged_attention_reference(case["q"], k_deq, v_deq, case["block_table"], case["seq_lens"])
+    args = dict(q=case["q"], k_codes=caches[0], k_params=caches[1], v_codes=caches[2], v_params=caches[3],
+                block_table=case["block_table"], seq_lens=case["seq_lens"], block_size=block, signs=signs)
+    got, got_lse = run_on_device(dev, kvcore.paged_decode_int4, on_device(dev, args), want_lse.shape)
+    g, gl = to_numpy_f32(got), to_numpy_f32(got_lse)
+    assert not np.isnan(g).any() and not np.isnan(gl).any()
+    np.testing.assert_allclose(gl, want_lse, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(g, want, **TOL["bfloat16"])
 
 
 def test_int4_attention_cuda_debug_reports_bad_block_table(dev, rng):

@@ -91,7 +91,8 @@ def test_cp_async_groups_land_in_order_and_zero_fill(ctl, rng):
     got = np.array(ctl.selftest("cp_async_groups", x.tolist()))
     t = (np.arange(128) + 1) % 128
     np.testing.assert_array_equal(got[:128], np.where(t % 2 == 0, x[4 * (t % 64)], 0.0).astype(np.float32))
-    np.testing.assert_array_equal(got[128:], x[256 + 4 * (t % 64) + 3])
+    np.testing.assert_array_equal(got[128:256], x[256 + 4 * (t % 64) + 3])  # a 4-byte copy
+    np.testing.assert_array_equal(got[256:], x[256 + 4 * (t % 64) + 1])  # an 8-byte copy
 
 
 def test_lop3_and_prmt_follow_the_isa(ctl, rng):

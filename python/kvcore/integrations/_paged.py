@@ -13,7 +13,7 @@ import kvcore
 __all__ = ["KV_DTYPES", "PagedLayerKV", "check_head_dim", "check_heads", "check_kv_dtype", "supported_head_dims"]
 
 # Head dims the attention kernels are built for, per backend (see kvcore.attention).
-_HEAD_DIMS = {"cpu": (64, 80, 96, 128, 192, 256), "cuda": (64, 128, 256)}
+_HEAD_DIMS = {"cpu": (64, 80, 96, 128, 192, 256), "cuda": (64, 80, 96, 128, 192, 256)}
 KV_DTYPES = ("bfloat16", "float16")
 
 

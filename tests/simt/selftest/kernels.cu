@@ -154,15 +154,19 @@ __global__ void ldmatrix_mma(const float* in, float* out) {
   }
 }
 
-// Two cp.async groups: wait<1> lands the first, wait<0> the second; odd threads zero-fill.
-// kWaitAll false reads the second group after wait<1> only (not landed yet).
+// Two cp.async groups: wait<1> lands the first (16-byte copies, odd threads zero-fill), wait<0>
+// the second (one 8-byte and two 4-byte copies per thread). kWaitAll false reads the second group
+// after wait<1> only (not landed yet).
 template <bool kWaitAll>
 __global__ void cp_async_groups(const float* in, float* out) {
   KVCORE_SHARED(float, s, [2][kThreads * 4]);
   const int t = threadIdx.x;
   kvcore::ptx::cp_async_16(&s[0][4 * t], in + 4 * (t % 64), t % 2 == 0);
   kvcore::ptx::cp_async_commit();
-  kvcore::ptx::cp_async_16(&s[1][4 * t], in + 256 + 4 * (t % 64), true);
+  const float* src = in + 256 + 4 * (t % 64);
+  kvcore::ptx::cp_async<8>(&s[1][4 * t], src, true);
+  kvcore::ptx::cp_async<4>(&s[1][4 * t + 2], src + 2, true);
+  kvcore::ptx::cp_async<4>(&s[1][4 * t + 3], src + 3, true);
   kvcore::ptx::cp_async_commit();
   kvcore::ptx::cp_async_wait<1>();
   __syncthreads();
@@ -170,6 +174,7 @@ __global__ void cp_async_groups(const float* in, float* out) {
   if (kWaitAll) kvcore::ptx::cp_async_wait<0>();
   __syncthreads();
   out[kThreads + t] = s[1][4 * ((t + 1) % kThreads) + 3];
+  out[2 * kThreads + t] = s[1][4 * ((t + 1) % kThreads) + 1];
 }
 
 // Each thread's three words (bits of in[t], in[t + 128], in[t + 256]) through lop3 (xor3 and
@@ -237,8 +242,8 @@ const std::map<std::string, Case>& cases() {
       {"shared_atomics", {shared_atomics, kThreads, 1}},
       {"ldmatrix_mma_f16", {ldmatrix_mma<__half>, 32, 256}},
       {"ldmatrix_mma_bf16", {ldmatrix_mma<__nv_bfloat16>, 32, 256}},
-      {"cp_async_groups", {cp_async_groups<true>, kThreads, 2 * kThreads}},
-      {"cp_async_read_before_wait", {cp_async_groups<false>, kThreads, 2 * kThreads}},
+      {"cp_async_groups", {cp_async_groups<true>, kThreads, 3 * kThreads}},
+      {"cp_async_read_before_wait", {cp_async_groups<false>, kThreads, 3 * kThreads}},
       {"bit_ops", {bit_ops, kThreads, kThreads * 8}},
       {"ldmatrix_misaligned", {ldmatrix_misaligned, 32, 32}},
       {"dynamic_without_smem", {dynamic_without_smem, kThreads, kThreads}},
