@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
 
 // Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
 // z = split.
-template <int D, typename T>
+template <int D, typename T, bool Int4>
 __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs a, int tokens_per_tile,
                                                                   const int32_t* tile_offsets, tc::TcPartials part,
                                                                   DeviceErrorReport* report) {
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
   if (s_skip || s_nrows == 0) return;
   const int b = s_b;
   const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
-  tc::attend_rows_tc<D, T>(a, pages, b, s_seq, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report,
+  tc::attend_rows_tc<D, T, Int4>(a, pages, b, s_seq, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report,
                            kBlockTableArg);
 }
 
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 // crosses group boundaries runs one pass per group against that group's prefix. Grid: x = row tile,
 // y = kv head, z = split. The bounds ask for 1 CTA per SM: without it ptxas stops at 168 registers at
 // D = 80/96 and spills.
-template <int D, typename T>
+template <int D, typename T, bool Int4>
 __global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
                                                                  DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefix
   for (int i = 0; i < s_segs; ++i) {
     const int g = s_group[i];
     const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
-    tc::attend_rows_tc<D, T>(a, pages, 0, sa.prefix_lens[g], kv_head, rows + s_seg[i], s_seg[i + 1] - s_seg[i], split,
+    tc::attend_rows_tc<D, T, Int4>(a, pages, 0, sa.prefix_lens[g], kv_head, rows + s_seg[i], s_seg[i + 1] - s_seg[i], split,
                              splits, part, report, kPrefixBlockTableArg);
     __syncthreads();  // the next group's pass reuses the shared memory
   }
@@ -526,25 +526,30 @@ void launch_paged(const AttentionArgs& a, cudaStream_t stream, const int32_t* ti
   KVCORE_CUDA_CHECK_LAUNCH();
 }
 
-// Runs a tensor-core kernel instantiation for the cache dtype with its dynamic shared memory.
-template <int D, template <int, typename> class Kernel, typename... Args>
-void launch_tc(DType dtype, dim3 grid, cudaStream_t stream, Args... args) {
-  const size_t smem = tc::Tile<D>::kBytes;
+// Runs a tensor-core kernel instantiation for the dtype and cache kind with its dynamic shared memory.
+template <int D, template <int, typename, bool> class Kernel, typename... Args>
+void launch_tc(DType dtype, bool int4, dim3 grid, cudaStream_t stream, Args... args) {
+  const size_t smem = int4 ? tc::Tile<D>::kInt4Bytes : tc::Tile<D>::kBytes;
   auto run = [&](auto kernel) {
     KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_kernel(kernel, grid, tc::kThreads, smem, stream, args...);
   };
-  if (dtype == DType::BFloat16) run(Kernel<D, __nv_bfloat16>::fn);
-  else run(Kernel<D, __half>::fn);
+  auto by_kind = [&](auto t) {
+    using T = typename decltype(t)::type;
+    if (int4) run(Kernel<D, T, true>::fn);
+    else run(Kernel<D, T, false>::fn);
+  };
+  if (dtype == DType::BFloat16) by_kind(TypeTag<__nv_bfloat16>{});
+  else by_kind(TypeTag<__half>{});
   KVCORE_CUDA_CHECK_LAUNCH();
 }
-template <int D, typename T>
+template <int D, typename T, bool Int4>
 struct PrefillTc {
-  static constexpr auto fn = prefill_tc_kernel<D, T>;
+  static constexpr auto fn = prefill_tc_kernel<D, T, Int4>;
 };
-template <int D, typename T>
+template <int D, typename T, bool Int4>
 struct PrefixTc {
-  static constexpr auto fn = prefix_tc_kernel<D, T>;
+  static constexpr auto fn = prefix_tc_kernel<D, T, Int4>;
 };
 
 int group_size(const AttentionParams& p) { return int(p.num_q_heads / p.num_kv_heads); }
@@ -624,7 +629,7 @@ void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream
   const tc::TcPartials tp{part.o, part.lse, part.source_base};
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    launch_tc<decltype(d)::value, PrefillTc>(a.p.dtype, grid, stream, a, plan.tokens_per_tile,
+    launch_tc<decltype(d)::value, PrefillTc>(a.p.dtype, a.kv.int4, grid, stream, a, plan.tokens_per_tile,
                                              static_cast<const int32_t*>(tile_offsets), tp, report);
   });
 }
@@ -699,7 +704,7 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   const tc::TcPartials tp{part.o, part.lse, 0};
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    launch_tc<decltype(d)::value, PrefixTc>(a.p.dtype, grid, stream, sa, prefix_splits, tp, report);
+    launch_tc<decltype(d)::value, PrefixTc>(a.p.dtype, a.kv.int4, grid, stream, sa, prefix_splits, tp, report);
   });
   Partials suffix_part = part;
   suffix_part.source_base = prefix_splits;

@@ -48,6 +48,14 @@ struct Tile {
   static constexpr size_t kStage = size_t(kRows) * D * 4;
   static constexpr size_t kArena = 4 * kKV > kStage ? 4 * kKV : kStage;
   static constexpr size_t kBytes = kQ + kArena;
+  // INT4: a tile's raw K and V code rows land in a staging buffer (two, one per tile parity),
+  // then become the stages' K code values and dequantized V; each key's K (scale, min) as floats,
+  // per parity.
+  static constexpr int kCodeRow = D / 2;
+  static constexpr int kCodeCopy = kCodeRow % 16 == 0 ? 16 : 8;  // cp.async size of the code rows
+  static constexpr int kCodeCopies = (kKeys * (kCodeRow / kCodeCopy) + kThreads - 1) / kThreads;  // per thread
+  static constexpr size_t kStaging = size_t(kKeys) * 2 * kCodeRow;
+  static constexpr size_t kInt4Bytes = kBytes + 2 * kStaging + 2 * size_t(kKeys) * 8;
 };
 
 struct RowSlot {
@@ -80,36 +88,45 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return float_bits16<T>(lo) | float_bits16<T>(hi) << 16;
 }
 
-// Eight INT4 codes (element i in bits 4i..4i+3, the CPU's packing) dequantized as code * scale +
-// min in float (exactly dequant_value's rounding) and rounded to T. The codes become exact floats
-// by the magic-number trick: OR-ing a nibble into the mantissa of fp16 1024.0 (0x6400) gives
-// 1024 + code, two codes per lop3.
+// Eight INT4 codes (element i in bits 4i..4i+3, the CPU's packing) as four pairs of T holding the
+// exact code values (elements 2i, 2i + 1 in pair i): prmt puts the two nibbles of byte i at bits
+// 0-3 and 16-19, lop3 ORs them into the mantissas of M = 1024 (fp16) or 128 (bf16), where a unit
+// is one ulp, and a packed fma subtracts M.
 template <typename T>
-__device__ __forceinline__ uint4 dequantize8(uint32_t packed, float scale, float min) {
-  float v[8];
+__device__ __forceinline__ uint4 codes8(uint32_t w) {
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  constexpr uint32_t kMagic = kHalf ? 0x64006400u : 0x43004300u;
+  constexpr uint32_t kOne = kHalf ? 0x3c003c00u : 0x3f803f80u;
+  constexpr uint32_t kMinusMagic = kHalf ? 0xe400e400u : 0xc300c300u;
+  const uint32_t odd = w >> 4;  // the high nibbles, at the bottom of each byte
+  uint32_t r[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    // Halves of the pair: element i (low) and element i + 4 (high).
-    const uint32_t h2 = ptx::lop3<0xEA>(packed >> (4 * i), 0x000f000fu, 0x64006400u);  // (a & b) | c
-    v[i] = __half2float(__ushort_as_half(uint16_t(h2 & 0xffffu))) - 1024.f;
-    v[i + 4] = __half2float(__ushort_as_half(uint16_t(h2 >> 16))) - 1024.f;
+    const uint32_t pair = ptx::prmt(w, odd, uint32_t(i) | uint32_t(4 + i) << 8);  // bytes: w[i], -, odd[i], -
+    r[i] = ptx::fma2<T>(ptx::lop3<0xEA>(pair, 0x000f000fu, kMagic), kOne, kMinusMagic);  // (a & b) | c
   }
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#if defined(__CUDA_ARCH__)  // dequant_value's rounding: no fused multiply-add
-    w[i] = pack2<T>(__fadd_rn(__fmul_rn(v[2 * i], scale), min), __fadd_rn(__fmul_rn(v[2 * i + 1], scale), min));
-#else
-    w[i] = pack2<T>(v[2 * i] * scale + min, v[2 * i + 1] * scale + min);
-#endif
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+// Eight INT4 V values code * scale + min as fp16 pairs, rounded once from the exact value (scale and
+// min are the stored fp16 pairs (scale, scale) and (min, min)).
+__device__ __forceinline__ uint4 dequantize8(uint32_t w, uint32_t scale2, uint32_t min2) {
+  const uint4 c = codes8<__half>(w);
+  return make_uint4(ptx::fma2<__half>(c.x, scale2, min2), ptx::fma2<__half>(c.y, scale2, min2),
+                    ptx::fma2<__half>(c.z, scale2, min2), ptx::fma2<__half>(c.w, scale2, min2));
 }
 
 // rows[0..nrows) (1 <= nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split
-// of the visible key range. T is __nv_bfloat16 or __half, matching the cache dtype. A bad page entry
-// is reported as argument `table_arg` and its keys are masked out, as decode skips them.
-template <int D, typename T>
+// of the visible key range. T is __nv_bfloat16 or __half, the 16-bit cache dtype or (Int4) the
+// query dtype. A bad page entry is reported as argument `table_arg` and its keys are masked out, as
+// decode skips them.
+//
+// INT4 K tiles hold the exact code values C, and dequantization folds into the scores:
+// S = Q (scale C + min)^T = scale (Q C^T) + min rowsum(Q) per key column, so no rounding of
+// dequantized K enters. V is dequantized into fp16 (whatever the query dtype: INT4 params are fp16,
+// and P V = (P scale) C + P min would put the rounding of P scale against |min| rather than |v|),
+// and P V runs on fp16 mma.
+template <int D, typename T, bool Int4>
 __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
                                int kv_head, const RowSlot* rows, int nrows, int split, int num_splits,
                                TcPartials part, DeviceErrorReport* report, int table_arg) {
@@ -127,7 +144,15 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   float* fstage = reinterpret_cast<float*>(smem + TileT::kQ);  // [kRows][D] floats, aliases the K/V stages
   auto k_stage = [&](int s) { return arena + size_t(s) * (TileT::kKV / 2); };  // K0, K1, V0, V1
   auto v_stage = [&](int s) { return arena + size_t(2 + s) * (TileT::kKV / 2); };
+  // INT4: staging [parity][K codes [N][D/2], V codes], then K (scale, min) as floats [parity][N].
+  unsigned char* const staging = smem + TileT::kBytes;
+  float2* const s_kprm = reinterpret_cast<float2*>(staging + 2 * TileT::kStaging);
+  constexpr int CR = TileT::kCodeRow, CU = TileT::kCodeCopy, CPR = CR / CU, NC = TileT::kCodeCopies;
+  // INT4 (scale, min) words, read from global memory by load and used by expand one iteration later:
+  // the V pair of each code copy of this thread, the K pair of key threadIdx.x.
+  uint32_t vprm[NC], kprm = 0;
 
+  using VT = std::conditional_t<Int4, __half, T>;  // the V stage and P V mma type
   const AttentionParams& p = a.p;
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -136,7 +161,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
 
   // Q tile (rows past nrows are zero). INT4: queries rotated like the cached keys, so scores need
   // no un-rotation.
-  if (a.kv.int4) {
+  if constexpr (Int4) {
     for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
       const int r = i / D, d = i % D;
       fstage[i] = r < nrows ? half_to_float(qbase[int64_t(rows[r].token) * a.q_token_stride +
@@ -198,7 +223,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       const int64_t row = int64_t(j % page_size) * row_stride + kv_head;
       if (pg >= 0 && pg < a.kv.num_pages) {
         page = int(pg);
-        if (a.kv.int4) {
+        if constexpr (Int4) {
           koff = row;  // INT4: the row index within the page
         } else {
           koff = pg * a.kv.k_page_stride + row * D;
@@ -214,38 +239,72 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
     const bool bad = __any_sync(0xffffffffu, page < 0);
     if (lane == 0) s_bad[slot][warp] = bad;
   };
-  // K/V of a tile into a stage: cp.async 16-byte copies (zero-filled for masked keys); INT4 rows are
-  // dequantized here, once per tile.
+  // K/V of a tile into a stage: cp.async 16-byte copies (zero-filled for masked keys); INT4 codes and
+  // params into the tile's staging buffer instead.
   auto load = [&](int tile) {
     if (tile >= ntiles) return;
     const int slot = tile % kSlots, stage = tile & 1;
-    uint16_t* ks = k_stage(stage);
-    uint16_t* vs = v_stage(stage);
-    for (int i = threadIdx.x; i < N * C; i += kThreads) {
-      const int kk = i / C, c = i % C;
-      const int page = s_page[slot][kk];
-      const int dst = swizzle<D>(kk, c) * 8;
-      if (a.kv.int4) {
-        uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-        if (page >= 0) {
-          const int64_t row = s_koff[slot][kk];
-          const uint16_t* kp = a.kv.k_params + page * a.kv.k_params_page_stride + row * 2;
-          const uint16_t* vp = a.kv.v_params + page * a.kv.v_params_page_stride + row * 2;
-          kv4 = dequantize8<T>(*reinterpret_cast<const uint32_t*>(a.kv.k_codes + page * a.kv.k_codes_page_stride +
-                                                                  row * (D / 2) + c * 4),
-                               __half2float(__ushort_as_half(kp[0])), __half2float(__ushort_as_half(kp[1])));
-          vv4 = dequantize8<T>(*reinterpret_cast<const uint32_t*>(a.kv.v_codes + page * a.kv.v_codes_page_stride +
-                                                                  row * (D / 2) + c * 4),
-                               __half2float(__ushort_as_half(vp[0])), __half2float(__ushort_as_half(vp[1])));
-        }
-        *reinterpret_cast<uint4*>(ks + dst) = kv4;
-        *reinterpret_cast<uint4*>(vs + dst) = vv4;
-      } else {
+    if constexpr (Int4) {
+      unsigned char* const st = staging + stage * TileT::kStaging;
+#pragma unroll
+      for (int u = 0; u < NC; ++u) {
+        const int i = threadIdx.x + u * kThreads;
+        if ((N * CPR) % kThreads != 0 && i >= N * CPR) break;
+        const int kk = i / CPR, c = i % CPR;
+        const int page = s_page[slot][kk];
+        const bool ok = page >= 0;
+        const int64_t row = s_koff[slot][kk];
+        ptx::cp_async<CU>(st + kk * CR + c * CU,
+                          a.kv.k_codes + (ok ? page * a.kv.k_codes_page_stride + row * CR + c * CU : 0), ok);
+        ptx::cp_async<CU>(st + (N + kk) * CR + c * CU,
+                          a.kv.v_codes + (ok ? page * a.kv.v_codes_page_stride + row * CR + c * CU : 0), ok);
+        vprm[u] = ok ? *reinterpret_cast<const uint32_t*>(a.kv.v_params + page * a.kv.v_params_page_stride + row * 2) : 0u;
+      }
+      if (threadIdx.x < N) {
+        const int page = s_page[slot][threadIdx.x];
+        kprm = page >= 0 ? *reinterpret_cast<const uint32_t*>(a.kv.k_params + page * a.kv.k_params_page_stride +
+                                                              s_koff[slot][threadIdx.x] * 2)
+                         : 0u;
+      }
+    } else {
+      uint16_t* ks = k_stage(stage);
+      uint16_t* vs = v_stage(stage);
+      for (int i = threadIdx.x; i < N * C; i += kThreads) {
+        const int kk = i / C, c = i % C;
+        const int page = s_page[slot][kk];
+        const int dst = swizzle<D>(kk, c) * 8;
         const bool ok = page >= 0;
         ptx::cp_async_16(ks + dst, kbase + (ok ? s_koff[slot][kk] + c * 8 : 0), ok);
         ptx::cp_async_16(vs + dst, vbase + (ok ? s_voff[slot][kk] + c * 8 : 0), ok);
       }
     }
+  };
+  // INT4: a landed staging buffer into the tile's K code and V stages, and the K params. Each
+  // thread expands what it copied itself (landed for it after its own wait), so the barrier that
+  // follows is enough.
+  auto expand = [&](int tile) {
+    if (tile >= ntiles) return;
+    const int stage = tile & 1;
+    const unsigned char* st = staging + stage * TileT::kStaging;
+    uint16_t* ks = k_stage(stage);
+    uint16_t* vs = v_stage(stage);
+#pragma unroll
+    for (int u = 0; u < NC; ++u) {
+      const int i = threadIdx.x + u * kThreads;
+      if ((N * CPR) % kThreads != 0 && i >= N * CPR) break;
+      const int kk = i / CPR, c = i % CPR;
+      const uint32_t scale2 = ptx::prmt(vprm[u], 0, 0x1010), min2 = ptx::prmt(vprm[u], 0, 0x3232);  // pairs
+#pragma unroll
+      for (int w = 0; w < CU / 4; ++w) {  // a word of 8 codes is one 16-byte chunk of the stage
+        const int chunk = c * (CU / 4) + w;
+        *reinterpret_cast<uint4*>(ks + swizzle<D>(kk, chunk) * 8) =
+            codes8<T>(*reinterpret_cast<const uint32_t*>(st + kk * CR + chunk * 4));
+        *reinterpret_cast<uint4*>(vs + swizzle<D>(kk, chunk) * 8) =
+            dequantize8(*reinterpret_cast<const uint32_t*>(st + (N + kk) * CR + chunk * 4), scale2, min2);
+      }
+    }
+    if (threadIdx.x < N)
+      s_kprm[stage * N + threadIdx.x] = make_float2(fp16_to_float(uint16_t(kprm & 0xffffu)), fp16_to_float(uint16_t(kprm >> 16)));
   };
 
   lookup(0);
@@ -253,6 +312,17 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   __syncthreads();  // Q tile and the first key tables
   load(0);
   ptx::cp_async_commit();
+  // INT4: each row's sum of its (16-bit) query values, for the min term; lanes l and l + 16 sum
+  // the halves of row l of the warp.
+  float qsum[2] = {0.f, 0.f};  // rows g, g + 8
+  if constexpr (Int4) {
+    const int r = warp * 16 + lane % 16, d0 = (lane / 16) * (D / 2);
+    float sum = 0.f;
+    for (int d = d0; d < d0 + D / 2; ++d) sum += half_to_float(qs[swizzle<D>(r, d / 8) * 8 + d % 8], bf16);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+    qsum[0] = __shfl_sync(0xffffffffu, sum, g);
+    qsum[1] = __shfl_sync(0xffffffffu, sum, g + 8);
+  }
 
   // Q fragments (A operand, 16 rows x 16 columns per k-step): lane l addresses row l % 8 (+8 for
   // matrices 1 and 3) at column chunk 2 ks (+1 for matrices 2 and 3).
@@ -278,10 +348,17 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
 
   for (int tile = 0; tile < ntiles; ++tile) {
     lookup(tile + 2);
-    load(tile + 1);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();  // this thread's copies of `tile` landed
-    __syncthreads();          // everyone's copies, and the key table of tile + 1
+    if constexpr (Int4) {  // tile's copies landed and expanded before tile + 1's (and its params) are issued
+      ptx::cp_async_wait<0>();
+      expand(tile);
+      load(tile + 1);
+      ptx::cp_async_commit();
+    } else {
+      load(tile + 1);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();  // this thread's copies of `tile` landed
+    }
+    __syncthreads();  // everyone's copies (INT4: expanded), and the key table of tile + 1
     const int slot = tile % kSlots, k0 = begin + tile * N;
     const bool skip = !warp_active || (p.causal && k0 > whi) || (window > 0 && k0 + N - 1 <= wlo - window);
     if (!skip) {
@@ -307,6 +384,17 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
           ptx::mma_m16n8k16<T>(s[nb], qa, b0, s[nb]);
           ptx::mma_m16n8k16<T>(s[nb + 1], qa, b1, s[nb + 1]);
         }
+      }
+      if constexpr (Int4) {  // K's scale and min per key column
+        const float2* prm = s_kprm + (tile & 1) * N;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float2 pr = prm[nb * 8 + 2 * t4 + j];
+            s[nb][j] = pr.x * s[nb][j] + pr.y * qsum[0];
+            s[nb][2 + j] = pr.x * s[nb][2 + j] + pr.y * qsum[1];
+          }
       }
       // Scores (base 2), masked only on tiles that straddle the split end, a bad page or the
       // causal / window edge of this warp's rows.
@@ -357,16 +445,16 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       // O += P V: the accumulators of key blocks 2kk, 2kk + 1 are the A fragment of k-step kk.
 #pragma unroll
       for (int kk = 0; kk < N / 16; ++kk) {
-        const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const uint32_t pa[4] = {pack2<VT>(s[2 * kk][0], s[2 * kk][1]), pack2<VT>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<VT>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack2<VT>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
         for (int dp = 0; dp < DB; dp += 2) {
           uint32_t vb[4];
           ptx::ldmatrix<4, true>(vb, vt + swizzle<D>(kk * 16 + v_row, dp + v_chunk) * 8);
           const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-          ptx::mma_m16n8k16<T>(o[dp], pa, b0, o[dp]);
-          ptx::mma_m16n8k16<T>(o[dp + 1], pa, b1, o[dp + 1]);
+          ptx::mma_m16n8k16<VT>(o[dp], pa, b0, o[dp]);
+          ptx::mma_m16n8k16<VT>(o[dp + 1], pa, b1, o[dp + 1]);
         }
       }
     }
@@ -397,7 +485,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   }
   __syncwarp();
   // V's rotation undone on the output (linear, so after normalizing is fine).
-  if (a.kv.int4) rotate_rows<D>(orow, 16, lane, a.kv.rot_block, a.kv.rot_signs, true);
+  if constexpr (Int4) rotate_rows<D>(orow, 16, lane, a.kv.rot_block, a.kv.rot_signs, true);
 
   // This warp's rows, lanes along head_dim.
   for (int rr = 0; rr < 16; ++rr) {

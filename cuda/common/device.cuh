@@ -71,6 +71,11 @@ inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
   }
   return r;
 }
+template <typename T>
+inline uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "f16 or bf16 pairs");
+  return ::simt::fma2(a, b, c, std::is_same_v<T, __half> ? ::simt::MmaType::F16 : ::simt::MmaType::BF16);
+}
 inline float ex2(float x) { return exp2f(x); }  // ex2.approx: a few ulp on a GPU, within the tests' tolerances
 }  // namespace ptx
 }  // namespace kvcore
@@ -178,6 +183,16 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
   return r;
+}
+// d = a * b + c on packed pairs of T (__half: fma.rn.f16x2, __nv_bfloat16: fma.rn.bf16x2).
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>)
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 __device__ __forceinline__ float ex2(float x) {
   float y;

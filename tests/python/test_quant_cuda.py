@@ -447,6 +447,52 @@ def test_int4_decode_needles_at_split_and_tile_boundaries(dev, rng, head_dim, pa
     np.testing.assert_allclose(g, want, **TOL["bfloat16"])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["causal", "non_causal", "window"])
+@pytest.mark.parametrize("head_dim,group,q_len", [(64, 1, 37), (80, 4, 29), (96, 8, 45), (128, 4, 53),
+                                                  (192, 1, 21), (256, 8, 19)])
+def test_int4_prefill_needles_at_split_and_tile_boundaries(dev, rng, head_dim, group, q_len, mode, dtype):
+    """The prefill needle case of test_attention_prefill_needles.py (one-hot needle keys of logit 64
+    at every split and key-tile boundary and on each warp's causal diagonal, decoys just outside each
+    row's visibility) written as INT4. With a rotation block of 64 (16 where it does not divide D),
+    rotated one-hot queries and needles are exactly +-1 or +-2, so needle logits carry no 16-bit
+    rounding and the LSE is compared with the float64 reference on the dequantized caches at 1e-5
+    relative; a dropped, doubled or leaked needle moves it by >= ln 2."""
+    from attention_reference import paged_attention_reference
+    from test_attention_prefill_needles import needle_case as prefill_needle_case
+    from test_attention_prefill_needles import sm_count
+
+    hkv = 2 if group < 8 else 1
+    hq = hkv * group
+    causal = mode != "non_causal"
+    window = 100 if mode == "window" else 0
+    seq_lens, q_lens = np.array([1100, 150], np.int32), np.array([q_len, 11], np.int32)
+    case, splits = prefill_needle_case(rng, dtype, head_dim, hq, hkv, seq_lens, q_lens, causal, window, sm_count(dev))
+    assert splits > 1
+    num_pages, page_size = case["k_cache"].shape[:2]
+    slots = num_pages * page_size
+    block, signs = 64 if head_dim % 64 == 0 else 16, make_signs(head_dim, True)
+    caches = int4_caches(num_pages, page_size, hkv, head_dim)
+    kvcore.append_kv_int4(case["k_cache"].reshape(slots, hkv, head_dim), case["v_cache"].reshape(slots, hkv, head_dim),
+                          *caches, np.arange(slots, dtype=np.int32), block_size=block, signs=signs)
+    k_deq = kvcore.dequantize_kv_int4(caches[0], caches[1], block_size=block, signs=signs)
+    v_deq = kvcore.dequantize_kv_int4(caches[2], caches[3], block_size=block, signs=signs)
+    options = dict(causal=causal, scale=1.0, **(dict(window=window) if window else {}))
+    want, want_lse = paged_attention_reference(case["q"], k_deq, v_deq, case["block_table"], case["seq_lens"],
+                                               case["cu_seqlens_q"], **options)
+    args = dict(q=case["q"], k_codes=caches[0], k_params=caches[1], v_codes=caches[2], v_params=caches[3],
+                block_table=case["block_table"], seq_lens=case["seq_lens"], cu_seqlens_q=case["cu_seqlens_q"],
+                block_size=block, signs=signs)
+    got, got_lse = run_on_device(dev, kvcore.paged_prefill_int4, on_device(dev, args), want_lse.shape, **options)
+    g, gl = to_numpy_f32(got), to_numpy_f32(got_lse)
+    assert not np.isnan(g).any() and not np.isnan(gl).any()
+    # Every row found its target. Below 64: the zeros of a needle row dequantize to a constant
+    # (code 8 of a [-a, a] row), and a query's decoy component can sum that over its block (+-4).
+    assert (want_lse > 55).all()
+    np.testing.assert_allclose(gl, want_lse, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(g, want, **TOL[dtype])
+
+
 def test_int4_attention_cuda_debug_reports_bad_block_table(dev, rng):
     seq_lens = np.array([20, 30, 9], np.int32)
     args, _, _ = int4_paged_case(rng, "bfloat16", hq=8, hkv=2, d=64, page_size=8, decode=True, seq_lens=seq_lens)

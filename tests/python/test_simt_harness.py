@@ -112,6 +112,31 @@ def test_lop3_and_prmt_follow_the_isa(ctl, rng):
         np.testing.assert_array_equal(got[:, i, 0] | got[:, i, 1] << 16, w, err_msg=f"result {i}")
 
 
+def round_bits16(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 -> the bits of the nearest float16 / bfloat16 (ties to even), computed independently
+    of the harness: numpy's float16 cast, or bf16 by rounding the 8-bit significand with np.rint."""
+    if dtype == "float16":
+        return x.astype(np.float16).view(np.uint16).astype(np.uint64)
+    m, e = np.frexp(x)  # x = m 2^e, 0.5 <= |m| < 1
+    r = np.ldexp(np.rint(np.ldexp(m, 8)), e - 8).astype(np.float32)  # exact in float32
+    return (r.view(np.uint32) >> 16).astype(np.uint64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fma2_rounds_once_to_nearest_even(ctl, rng, dtype):
+    x = fresh(rng, 768).astype(np.float64)
+    v = np.array([x[i * 128:(i + 1) * 128] for i in range(6)])  # a lo, a hi, b lo, b hi, c lo, c hi
+    bits = round_bits16(v, dtype)
+    vals = (bits.astype(np.uint16).view(np.float16).astype(np.float64) if dtype == "float16"
+            else (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64))
+    want_lo = round_bits16(vals[0] * vals[2] + vals[4], dtype)
+    want_hi = round_bits16(vals[1] * vals[3] + vals[5], dtype)
+    got = np.array(ctl.selftest("fma2_" + ("f16" if dtype == "float16" else "bf16"), x.astype(np.float32).tolist()))
+    got = got.reshape(128, 2).astype(np.uint64)
+    np.testing.assert_array_equal(got[:, 0], want_lo)
+    np.testing.assert_array_equal(got[:, 1], want_hi)
+
+
 def test_shared_atomics_are_not_races(ctl, rng):
     x = fresh(rng)
     assert ctl.selftest("shared_atomics", x.tolist())[0] == (x[:128] > 0).sum()
@@ -146,5 +171,5 @@ def test_broken_kernels_are_reported(ctl, rng, name):
 
 def test_every_self_test_kernel_is_covered(ctl):
     correct = {"block_sum", "warp_ops", "warp_exchange", "wmma_gemm", "shared_atomics", "ldmatrix_mma_f16",
-               "ldmatrix_mma_bf16", "cp_async_groups", "bit_ops"}
+               "ldmatrix_mma_bf16", "cp_async_groups", "bit_ops", "fma2_f16", "fma2_bf16"}
     assert set(ctl.selftest_names()) == correct | set(BROKEN)

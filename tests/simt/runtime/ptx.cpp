@@ -2,6 +2,8 @@
 // ldmatrix and mma.sync m16n8k16 (fragment layouts of the PTX ISA, "Matrix Fragments for mma").
 #include "simt/ptx.h"
 
+#include <cmath>
+#include <cstring>
 #include <string>
 
 #include "cuda_bf16.h"
@@ -161,6 +163,35 @@ void execute_mma(Cta& c, int w) {
       out[i] = float(s);
     }
   }
+}
+
+namespace {
+
+// One 16-bit half of fma2, from the exact double a * b + c (16-bit products and sums fit in 53
+// bits well enough: the double is rounded to odd at float precision first, so the final rounding to
+// 16 bits is a single correct one).
+uint16_t fma_half(uint16_t a, uint16_t b, uint16_t c, MmaType type) {
+  auto value = [&](uint16_t bits) {
+    return type == MmaType::F16 ? double(__half2float(__half{bits})) : double(__bfloat162float(__nv_bfloat16{bits}));
+  };
+  const double exact = value(a) * value(b) + value(c);
+  float f = float(exact);
+  if (double(f) != exact) {  // round to odd: an inexact float keeps its last mantissa bit set
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (!(u & 1u)) {
+      f = std::nextafter(f, double(f) < exact ? INFINITY : -INFINITY);
+    }
+  }
+  return type == MmaType::F16 ? __half_as_ushort(__float2half_rn(f)) : __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+}  // namespace
+
+uint32_t fma2(uint32_t a, uint32_t b, uint32_t c, MmaType type) {
+  const uint16_t lo = fma_half(uint16_t(a), uint16_t(b), uint16_t(c), type);
+  const uint16_t hi = fma_half(uint16_t(a >> 16), uint16_t(b >> 16), uint16_t(c >> 16), type);
+  return uint32_t(lo) | uint32_t(hi) << 16;
 }
 
 }  // namespace simt

@@ -191,6 +191,21 @@ __global__ void bit_ops(const float* in, float* out) {
   }
 }
 
+// fma2 on packed pairs of T: thread t computes a * b + c with a = (in[t], in[t + 128]), b = (in[t + 256],
+// in[t + 384]), c = (in[t + 512], in[t + 640]) rounded to T; out: the result's two halves as bits.
+template <typename T>
+__global__ void fma2_pairs(const float* in, float* out) {
+  const int t = threadIdx.x;
+  auto bits = [](float x) -> uint32_t {
+    if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(x));
+    else return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  };
+  auto pair = [&](int i) { return bits(in[i]) | bits(in[i + 128]) << 16; };
+  const uint32_t d = kvcore::ptx::fma2<T>(pair(t), pair(t + 256), pair(t + 512));
+  out[2 * t] = float(d & 0xffffu);
+  out[2 * t + 1] = float(d >> 16);
+}
+
 __global__ void ldmatrix_misaligned(const float* in, float* out) {
   KVCORE_SHARED(__half, a, [16][24]);
   for (int i = threadIdx.x; i < 16 * 24; i += 32) a[i / 24][i % 24] = __float2half_rn(in[i]);
@@ -245,6 +260,8 @@ const std::map<std::string, Case>& cases() {
       {"cp_async_groups", {cp_async_groups<true>, kThreads, 3 * kThreads}},
       {"cp_async_read_before_wait", {cp_async_groups<false>, kThreads, 3 * kThreads}},
       {"bit_ops", {bit_ops, kThreads, kThreads * 8}},
+      {"fma2_f16", {fma2_pairs<__half>, kThreads, kThreads * 2}},
+      {"fma2_bf16", {fma2_pairs<__nv_bfloat16>, kThreads, kThreads * 2}},
       {"ldmatrix_misaligned", {ldmatrix_misaligned, 32, 32}},
       {"dynamic_without_smem", {dynamic_without_smem, kThreads, kThreads}},
       {"global_write_past_end", {global_write_past_end, kThreads, kThreads}},

@@ -1,6 +1,6 @@
 // The harness's emulation of the PTX instructions kvcore's kernels use beyond plain C++: cp.async
 // (asynchronous global-to-shared copies in commit groups), ldmatrix and mma.sync (warp collectives
-// on 8x8 / 16x8x16 fragments), called through the wrappers of cuda/common/device.cuh. The
+// on 8x8 / 16x8x16 fragments) and packed 16-bit fma, called through the wrappers of cuda/common/device.cuh. The
 // fragment layouts are the PTX ISA's, so a kernel that indexes fragments wrongly computes wrong
 // results here as on a GPU.
 #pragma once
@@ -26,5 +26,9 @@ void ldmatrix(uint32_t* regs, int count, bool trans, const void* row_address, co
 // (a: 4 registers of 2 values, b: 2, c and d: 4 floats).
 void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, MmaType type, const char* file,
                   int line);
+
+// fma.rn.{f16,bf16}x2: d = a * b + c for each 16-bit half of the packed pairs, rounded once to
+// nearest even.
+uint32_t fma2(uint32_t a, uint32_t b, uint32_t c, MmaType type);
 
 }  // namespace simt
