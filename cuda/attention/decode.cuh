@@ -91,6 +91,30 @@ __device__ inline float* partial_lse(const Partials& part, const Split& sp) {
   return sp.chunk > 0 ? part.item_lse : part.lse;
 }
 
+// A row's state merged from the warps' states (base-2 maxima m[w * stride], sums l[w * stride],
+// unnormalized accumulators acc(w)): the normalized value and the natural-log LSE; 0 and -inf when
+// no warp saw a key.
+struct MergedState {
+  float value, lse;
+};
+template <typename Acc>
+__device__ __forceinline__ MergedState merge_warp_states(const float* m, const float* l, int stride,
+                                                       Acc acc) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m[w * stride]);
+  float sum = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = ptx::ex2(m[w * stride] - mx);  // 0 for warps that saw no key
+      sum += l[w * stride] * f;
+      o += acc(w) * f;
+    }
+  }
+  return {sum > 0.f ? o / sum : 0.f, sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY};
+}
+
 template <int D>
 struct Tile {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per K/V row
@@ -375,20 +399,9 @@ __device__ void attend_tiled(const AttentionArgs& a, const int32_t* pages, int p
   float* const plse = partial_lse(part, sp);
   for (int idx = tid; idx < nrows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
-    float sum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = ptx::ex2(s_m[w][r] - mx);  // 0 for warps that saw no key
-        sum += s_l[w][r] * f;
-        o += s_acc[(w * R + r) * D + d] * f;
-      }
-    }
-    const float out = sum > 0.f ? o / sum : 0.f;
-    const float lse = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;  // natural log
+    const MergedState st =
+        merge_warp_states(&s_m[0][r], &s_l[0][r], R, [&](int w) { return s_acc[(w * R + r) * D + d]; });
+    const float out = st.value, lse = st.lse;
     const int64_t token = rows[r].token, head = rows[r].head;
     if (po) {
       const int64_t state = partial_state(a, part, sp, int(token), int(head));

@@ -84,6 +84,7 @@ DYNAMIC_SMEM = {
     "prefill_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
     "prefix_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
     "paged_attention_kernel": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kBytes"),
+    "paged_attention_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}, kvcore::tc::kSharedRows>::kBytes"),
 }
 
 # Compile flags of the build (cmake/KvcoreCuda.cmake, CMake's Release flags, C++17).
