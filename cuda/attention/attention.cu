@@ -1,8 +1,9 @@
 // CUDA backend of the attention family.
 //
-// Decode (memory-bound) runs on CUDA cores: a CTA takes the GQA group of one request's KV head (up
-// to kMaxRows query rows) and streams the visible keys once, its warps splitting the keys and its
-// lanes splitting head_dim, so each K/V row is read with coalesced vector loads. Prefill/extend and
+// Decode (memory-bound): a CTA takes the GQA group of one request's KV head (up to kMaxRows query
+// rows) and streams the visible keys once, its warps splitting the keys. One to three rows run on
+// CUDA cores, lanes splitting head_dim; wider 16-bit groups run on tensor cores, the rows padded to
+// one 16-row mma operand that all warps share (prefill_tc.cuh, SharedRows). Prefill/extend and
 // the stacked-query prefix pass of shared-prefix attention run on tensor cores (prefill_tc.cuh):
 // 64 query rows per CTA against shared-memory K/V tiles. Long sequences are split across CTAs (split-KV) into float partial
 // states that a merge kernel combines in a fixed order (deterministic). The split count depends
@@ -150,7 +151,8 @@ __device__ TileRequest locate_tile(const AttentionArgs& a, const int32_t* tile_o
 // x = work item, else x = tile (decode: request) and z = split.
 struct CtaRows {
   Row rows[kMaxRows];
-  int nrows, b, seq;
+  int nrows, b, seq, kv_head;
+  const int32_t* pages;  // request b's block table row (nullptr: the single page b)
   Split sp;
 };
 __device__ bool setup_rows(const AttentionArgs& a, const TileShape& shape, const int32_t* tile_offsets,
@@ -185,6 +187,8 @@ __device__ bool setup_rows(const AttentionArgs& a, const TileShape& shape, const
           c.rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h0 + h, tr.seq - tr.q_len + tr.t0 + t};
       c.nrows = n;
       c.b = tr.b;
+      c.kv_head = kv_head;
+      c.pages = a.kv.block_table ? a.kv.block_table + int64_t(tr.b) * a.kv.block_table_stride : nullptr;
       c.seq = tr.seq;
     }
   }
@@ -199,20 +203,31 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
   if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(CtaRows, c, );
   if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
-  const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(c.b) * a.kv.block_table_stride : nullptr;
-  decode::attend_tiled<D, R, T, Cap>(
-      a, pages, c.b, c.seq, 0, int(blockIdx.y / shape.head_chunks), c.rows, c.nrows, c.sp, part, report,
-      kBlockTableArg);
+  decode::attend_tiled<D, R, T, Cap>(a, c.pages, c.b, c.seq, 0, c.kv_head, c.rows, c.nrows, c.sp, part, report,
+                                     kBlockTableArg);
+}
+
+// Tensor-core decode of a 16-bit GQA group (4..kMaxRows rows), grid and rows as
+// paged_attention_kernel.
+template <int D, typename T, bool Cap>
+__global__ void __launch_bounds__(tc::kThreads) paged_attention_tc_kernel(AttentionArgs a, TileShape shape,
+                                                                          const int32_t* tile_offsets, Partials part,
+                                                                          WorkList work, DeviceErrorReport* report) {
+  if (cta_report_failed(report)) return;  // metadata failed its debug check
+  KVCORE_SHARED(CtaRows, c, );
+  if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
+  tc::attend_rows_tc<D, T, false, true, Cap ? tc::SoftCap::On : tc::SoftCap::Off>(
+      a, c.pages, c.b, c.seq, c.kv_head, c.rows, c.nrows, c.sp, part, report, kBlockTableArg);
 }
 
 // Tensor-core prefill/extend. Grid: x = tile of tokens_per_tile tokens x the group, y = kv head,
 // z = split.
 template <int D, typename T, bool Int4>
 __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs a, int tokens_per_tile,
-                                                                  const int32_t* tile_offsets, tc::TcPartials part,
+                                                                  const int32_t* tile_offsets, Partials part,
                                                                   DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
-  KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
+  KVCORE_SHARED(Row, rows, [tc::kRows]);
   KVCORE_SHARED(int, s_nrows, );
   KVCORE_SHARED(int, s_b, );
   KVCORE_SHARED(int, s_skip, );
@@ -226,7 +241,7 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
       int n = 0;
       for (int t = 0; t < tokens; ++t)
         for (int h = 0; h < group; ++h)
-          rows[n++] = tc::RowSlot{tr.first + tr.t0 + t, kv_head * group + h, tr.seq - tr.q_len + tr.t0 + t};
+          rows[n++] = Row{tr.first + tr.t0 + t, kv_head * group + h, tr.seq - tr.q_len + tr.t0 + t};
       s_nrows = n;
       s_b = tr.b;
       s_seq = tr.seq;
@@ -236,8 +251,8 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
   if (s_skip || s_nrows == 0) return;
   const int b = s_b;
   const int32_t* pages = a.kv.block_table ? a.kv.block_table + int64_t(b) * a.kv.block_table_stride : nullptr;
-  tc::attend_rows_tc<D, T, Int4>(a, pages, b, s_seq, kv_head, rows, s_nrows, blockIdx.z, gridDim.z, part, report,
-                           kBlockTableArg);
+  tc::attend_rows_tc<D, T, Int4>(a, pages, b, s_seq, kv_head, rows, s_nrows, Split{int(blockIdx.z), int(gridDim.z), 0, 0},
+                                 part, report, kBlockTableArg);
 }
 
 // Tensor-core prefix pass of shared-prefix attention. The query rows (token x head of the GQA group,
@@ -247,10 +262,10 @@ __global__ void __launch_bounds__(tc::kThreads) prefill_tc_kernel(AttentionArgs 
 // y = kv head, z = split. The bounds ask for 1 CTA per SM: without it ptxas stops at 168 registers at
 // D = 80/96 and spills.
 template <int D, typename T, bool Int4>
-__global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, tc::TcPartials part,
+__global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefixArgs sa, int splits, Partials part,
                                                                  DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
-  KVCORE_SHARED(tc::RowSlot, rows, [tc::kRows]);
+  KVCORE_SHARED(Row, rows, [tc::kRows]);
   KVCORE_SHARED(int, s_seg, [tc::kRows + 1]);  // rows [s_seg[i], s_seg[i + 1]) belong to group s_group[i]
   KVCORE_SHARED(int, s_group, [tc::kRows]);
   KVCORE_SHARED(int, s_segs, );
@@ -291,8 +306,8 @@ __global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefix
       }
       const int first = a.cu_seqlens_q ? a.cu_seqlens_q[b] : b;
       const int q_len = a.cu_seqlens_q ? a.cu_seqlens_q[b + 1] - first : 1;
-      rows[i] = tc::RowSlot{token, kv_head * group + (row0 + i) % group,
-                            sa.prefix_lens[g] + a.seq_lens[b] - q_len + (token - first)};
+      rows[i] = Row{token, kv_head * group + (row0 + i) % group,
+                    sa.prefix_lens[g] + a.seq_lens[b] - q_len + (token - first)};
     }
     s_seg[segs] = n;
     s_segs = segs;
@@ -301,8 +316,8 @@ __global__ void __launch_bounds__(tc::kThreads, 1) prefix_tc_kernel(SharedPrefix
   for (int i = 0; i < s_segs; ++i) {
     const int g = s_group[i];
     const int32_t* pages = sa.prefix_block_table + int64_t(g) * sa.prefix_block_table_stride;
-    tc::attend_rows_tc<D, T, Int4>(a, pages, 0, sa.prefix_lens[g], kv_head, rows + s_seg[i], s_seg[i + 1] - s_seg[i], split,
-                             splits, part, report, kPrefixBlockTableArg);
+    tc::attend_rows_tc<D, T, Int4>(a, pages, 0, sa.prefix_lens[g], kv_head, rows + s_seg[i], s_seg[i + 1] - s_seg[i],
+                                   Split{split, splits, 0, 0}, part, report, kPrefixBlockTableArg);
     __syncthreads();  // the next group's pass reuses the shared memory
   }
 }
@@ -482,8 +497,8 @@ void dispatch_head_dim(int64_t d, F&& f) {
 
 int64_t max_keys(const PagedKV& kv) { return kv.block_table ? kv.max_pages * kv.page_size : kv.page_size; }
 
-// Launches the CUDA-core kernel (decode, or groups wider than a tensor-core tile): grid x = work
-// items (with a work list) or tiles, z = fixed splits.
+// Launches the decode kernels (decode, or groups wider than a tensor-core prefill tile): grid x =
+// work items (with a work list) or tiles, z = fixed splits.
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -493,19 +508,27 @@ template <int D>
 void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, const TileShape& shape,
                     const int32_t* tile_offsets, Partials part, WorkList work) {
   DeviceErrorReport* report = device_error_report();
-  const size_t smem = a.kv.int4 ? decode::Tile<D>::kInt4Bytes : decode::Tile<D>::kBytes;
-  auto run = [&](auto kernel) {
+  auto run = [&](auto kernel, size_t smem) {
     KVCORE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_kernel(kernel, grid, kThreads, smem, stream, a, shape, tile_offsets, part, work, report);
   };
-  // Rows per CTA as a template argument: registers for the group actually there.
+  // Rows per CTA as a template argument: registers for the group actually there. Groups of 4 or
+  // more rows go to tensor cores.
   const int rows = std::min(kMaxRows, shape.heads_per_chunk * (a.cu_seqlens_q ? shape.tokens_per_tile : 1));
+  static_assert(kMaxRows <= tc::kSharedRows && kThreads == tc::kThreads, "a decode CTA fits one shared 16-row tile");
   auto by_rows = [&](auto t, auto cap) {
     using T = typename decltype(t)::type;
     constexpr bool Cap = decltype(cap)::value;
-    if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>);
-    else if (rows <= 4) run(paged_attention_kernel<D, 4, T, Cap>);
-    else run(paged_attention_kernel<D, 8, T, Cap>);
+    if constexpr (std::is_same_v<T, decode::Int4KV>) {  // INT4: CUDA cores at every group size
+      constexpr size_t smem = decode::Tile<D>::kInt4Bytes;
+      if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, smem);
+      else if (rows <= 4) run(paged_attention_kernel<D, 4, T, Cap>, smem);
+      else run(paged_attention_kernel<D, 8, T, Cap>, smem);
+    } else {
+      if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, decode::Tile<D>::kBytes);
+      else if (rows < 4) run(paged_attention_kernel<D, 4, T, Cap>, decode::Tile<D>::kBytes);
+      else run(paged_attention_tc_kernel<D, T, Cap>, tc::Tile<D, tc::kSharedRows>::kBytes);
+    }
   };
   auto by_cap = [&](auto t) {
     if (a.p.soft_cap > 0.f) by_rows(t, std::true_type{});
@@ -626,11 +649,10 @@ void run_paged(const AttentionArgs& a, const PassPlan& plan, cudaStream_t stream
     return;
   }
   const dim3 grid(unsigned(plan.tiles), unsigned(a.p.num_kv_heads), unsigned(plan.splits));
-  const tc::TcPartials tp{part.o, part.lse, part.source_base};
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
     launch_tc<decltype(d)::value, PrefillTc>(a.p.dtype, a.kv.int4, grid, stream, a, plan.tokens_per_tile,
-                                             static_cast<const int32_t*>(tile_offsets), tp, report);
+                                             static_cast<const int32_t*>(tile_offsets), part, report);
   });
 }
 
@@ -701,10 +723,9 @@ void shared_prefix_attention_cuda(const SharedPrefixArgs& sa, StreamHandle strea
   const WorkList work = work_list_at(a, suffix, scratch.at<int32_t>(tiles_bytes));
   validate_metadata(a, sa, stream);
   const dim3 grid(unsigned(prefix_tiles), unsigned(a.p.num_kv_heads), unsigned(prefix_splits));
-  const tc::TcPartials tp{part.o, part.lse, 0};
   DeviceErrorReport* report = device_error_report();
   dispatch_head_dim(a.p.head_dim, [&](auto d) {
-    launch_tc<decltype(d)::value, PrefixTc>(a.p.dtype, a.kv.int4, grid, stream, sa, prefix_splits, tp, report);
+    launch_tc<decltype(d)::value, PrefixTc>(a.p.dtype, a.kv.int4, grid, stream, sa, prefix_splits, part, report);
   });
   Partials suffix_part = part;
   suffix_part.source_base = prefix_splits;

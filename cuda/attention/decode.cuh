@@ -101,6 +101,47 @@ __device__ inline float* partial_lse(const Partials& part, const Split& sp) {
 // The cache type of an INT4 KV decode (the 16-bit ones are __half and __nv_bfloat16).
 struct Int4KV {};
 
+// A row's state merged from the warps' states (base-2 maxima m[w * stride], sums l[w * stride],
+// unnormalized accumulators acc(w)): the normalized value and the natural-log LSE; 0 and -inf when
+// no warp saw a key.
+struct MergedState {
+  float value, lse;
+};
+template <typename Acc>
+__device__ __forceinline__ MergedState merge_warp_states(const float* m, const float* l, int stride,
+                                                       Acc acc) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m[w * stride]);
+  float sum = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = ptx::ex2(m[w * stride] - mx);  // 0 for warps that saw no key
+      sum += l[w * stride] * f;
+      o += acc(w) * f;
+    }
+  }
+  return {sum > 0.f ? o / sum : 0.f, sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY};
+}
+
+// Element d of a row's result (with d == 0 its natural-log LSE) into the final 16-bit output or the
+// split's partial state.
+template <int D>
+__device__ __forceinline__ void store_result(const AttentionArgs& a, const Partials& part, const Split& sp,
+                                             const Row& row, int d, float value, float lse, bool bf16) {
+  if (float* po = partial_o(part, sp)) {
+    const int64_t state = partial_state(a, part, sp, row.token, row.head);
+    po[state * D + d] = value;
+    if (d == 0) partial_lse(part, sp)[state] = lse;
+  } else {
+    const int64_t token = row.token, head = row.head;
+    static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] = float_to_half(value, bf16);
+    if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
+  }
+}
+
+
 template <int D>
 struct Tile {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per K/V row
@@ -499,47 +540,23 @@ __device__ void attend_tiled(const AttentionArgs& a, const int32_t* pages, int p
     }
   }
   __syncthreads();
-  float* const po = partial_o(part, sp);
-  float* const plse = partial_lse(part, sp);
-  auto store = [&](int r, int d, float out, float lse) {
-    const int64_t token = rows[r].token, head = rows[r].head;
-    if (po) {
-      const int64_t state = partial_state(a, part, sp, int(token), int(head));
-      po[state * D + d] = out;
-      if (d == 0) plse[state] = lse;
-    } else {
-      static_cast<uint16_t*>(a.out)[token * a.o_token_stride + head * a.o_head_stride + d] = float_to_half(out, bf16);
-      if (d == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
-    }
-  };
   for (int idx = tid; idx < nrows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
-    float sum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = ptx::ex2(s_m[w][r] - mx);  // 0 for warps that saw no key
-        sum += s_l[w][r] * f;
-        o += s_acc[(w * R + r) * D + d] * f;
-      }
-    }
-    const float out = sum > 0.f ? o / sum : 0.f;
-    const float lse = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;  // natural log
+    const MergedState st =
+        merge_warp_states(&s_m[0][r], &s_l[0][r], R, [&](int w) { return s_acc[(w * R + r) * D + d]; });
     if constexpr (Int4) {  // into warp 0's rows (this thread alone read that element)
-      s_acc[r * D + d] = out;
-      if (d == 0) s_lse[r] = lse;
+      s_acc[r * D + d] = st.value;
+      if (d == 0) s_lse[r] = st.lse;
     } else {
-      store(r, d, out, lse);
+      store_result<D>(a, part, sp, rows[r], d, st.value, st.lse, bf16);
     }
   }
   if constexpr (Int4) {  // V's rotation undone on the output
     __syncthreads();
     rotate_rows<D>(s_acc + warp_row0 * D, warp_rows, lane, a.kv.rot_block, a.kv.rot_signs, true);
     __syncthreads();
-    for (int idx = tid; idx < nrows * D; idx += kThreads) store(idx / D, idx % D, s_acc[idx], s_lse[idx / D]);
+    for (int idx = tid; idx < nrows * D; idx += kThreads)
+      store_result<D>(a, part, sp, rows[idx / D], idx % D, s_acc[idx], s_lse[idx / D], bf16);
   }
 }
 

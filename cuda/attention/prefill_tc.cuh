@@ -6,12 +6,17 @@
 // repacked as the A operand), the online softmax works in base 2 with log2(e) folded into the scale,
 // and row statistics only travel within a lane quad. The warps only meet to load K/V tiles.
 //
+// Decode GQA groups (4..16 rows) run the same body with SharedRows: the 4 warps share one 16-row
+// A operand (rows padded with zeros) and split each tile's keys among themselves, so every K/V byte
+// is read from shared memory once per CTA; their states are combined once at the end.
+//
 // 64 rows per CTA, not 128: rows are query tokens x the GQA group, so ragged extend batches with
 // short query ranges fill 128-row tiles poorly, and at 64 rows a D = 128 CTA (Q + two K/V stages,
 // 87 KB of shared memory) still fits twice into an sm_90a SM (D = 64: three CTAs on sm_80 and sm_90a).
 #pragma once
 
 #include "../common/device.cuh"
+#include "decode.cuh"
 
 #include "kvcore/attention.h"
 #include "kvcore/detail/attention_math.h"
@@ -26,10 +31,14 @@ namespace tc {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 64;  // query rows per CTA, 16 per warp
+constexpr int kSharedRows = 16;  // query rows of a CTA whose warps share them (SharedRows)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int D>
+// Soft cap as a template argument (decode instantiates both) or read from the params (prefill).
+enum class SoftCap { Runtime, Off, On };
+
+template <int D, int QRows = kRows>
 struct Tile {
   static_assert(D % 16 == 0 && D <= 256, "head_dim a multiple of 16, at most 256");
   static constexpr int kKeys = D <= 128 ? 64 : 32;  // keys per shared-memory tile
@@ -42,9 +51,10 @@ struct Tile {
   // Q fragments stay in registers up to D = 128; wider heads re-read them from shared memory each
   // tile (O alone takes D / 2 registers per lane there, Q in registers too would spill).
   static constexpr bool kQInRegs = D <= 128;
-  static constexpr size_t kQ = size_t(kRows) * kPitch * 16;
+  static constexpr size_t kQ = size_t(QRows) * kPitch * 16;
   static constexpr size_t kKV = size_t(kKeys) * kPitch * 16;  // one K or V stage
-  // Float rows of the INT4 rotations and the output staging alias the K/V stages (not in use then).
+  // Float rows of the INT4 rotations and the output staging (SharedRows: the 4 warps' unnormalized
+  // 16-row states) alias the K/V stages (not in use then).
   static constexpr size_t kStage = size_t(kRows) * D * 4;
   static constexpr size_t kArena = 4 * kKV > kStage ? 4 * kKV : kStage;
   static constexpr size_t kBytes = kQ + kArena;
@@ -56,19 +66,6 @@ struct Tile {
   static constexpr int kCodeCopies = (kKeys * (kCodeRow / kCodeCopy) + kThreads - 1) / kThreads;  // per thread
   static constexpr size_t kStaging = size_t(kKeys) * 2 * kCodeRow;
   static constexpr size_t kInt4Bytes = kBytes + 2 * kStaging + 2 * size_t(kKeys) * 8;
-};
-
-struct RowSlot {
-  int token;
-  int head;
-  int position;
-};
-
-// Where results go: the final output (part.o == nullptr) or float partial sources.
-struct TcPartials {
-  float* o = nullptr;
-  float* lse = nullptr;
-  int source_base = 0;
 };
 
 // The 16-bit chunk index of (row, chunk) in a swizzled tile.
@@ -116,22 +113,29 @@ __device__ __forceinline__ uint4 dequantize8(uint32_t w, uint32_t scale2, uint32
                     ptx::fma2<__half>(c.z, scale2, min2), ptx::fma2<__half>(c.w, scale2, min2));
 }
 
-// rows[0..nrows) (1 <= nrows <= kRows) against keys [0, num_keys) of one sequence; this CTA's split
-// of the visible key range. T is __nv_bfloat16 or __half, the 16-bit cache dtype or (Int4) the
-// query dtype. A bad page entry is reported as argument `table_arg` and its keys are masked out, as
-// decode skips them.
+// rows[0..nrows) (1 <= nrows <= kRows, SharedRows: <= kSharedRows) against keys [0, num_keys) of one
+// sequence; split `sp` of the visible key range, results written as decode::attend_tiled writes
+// them. T is __nv_bfloat16 or __half, the 16-bit cache dtype or (Int4) the query dtype. A bad page
+// entry is reported as argument `table_arg` and its keys are masked out, as decode skips them.
+// SharedRows takes 16-bit caches only.
 //
 // INT4 K tiles hold the exact code values C, and dequantization folds into the scores:
 // S = Q (scale C + min)^T = scale (Q C^T) + min rowsum(Q) per key column, so no rounding of
 // dequantized K enters. V is dequantized into fp16 (whatever the query dtype: INT4 params are fp16,
 // and P V = (P scale) C + P min would put the rounding of P scale against |min| rather than |v|),
 // and P V runs on fp16 mma.
-template <int D, typename T, bool Int4>
+template <int D, typename T, bool Int4 = false, bool SharedRows = false, SoftCap Cap = SoftCap::Runtime>
 __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int64_t page0, int num_keys,
-                               int kv_head, const RowSlot* rows, int nrows, int split, int num_splits,
-                               TcPartials part, DeviceErrorReport* report, int table_arg) {
-  using TileT = Tile<D>;
-  constexpr int N = TileT::kKeys, C = TileT::kChunks, NB = N / 8, DB = D / 8;
+                               int kv_head, const decode::Row* rows, int nrows, decode::Split sp,
+                               decode::Partials part, DeviceErrorReport* report, int table_arg) {
+  constexpr int QR = SharedRows ? kSharedRows : kRows;  // rows of the Q tile
+  using TileT = Tile<D, QR>;
+  constexpr int N = TileT::kKeys, C = TileT::kChunks, DB = D / 8;
+  constexpr int KW = SharedRows ? N / kWarps : N;  // keys of a tile that one warp multiplies
+  constexpr int NB = KW / 8;                      // their 8-key blocks
+  static_assert(NB == 1 ? D % 32 == 0 : NB % 2 == 0, "8-key warp slices pair up k-steps and head_dim blocks");
+  constexpr int kCopies = N * C / kThreads;  // 16-byte chunks per thread of each K/V tile
+  static_assert(N * C % kThreads == 0, "K/V tiles split evenly over the threads");
   constexpr int kSlots = 3;  // key tables: tile t is read while t + 1 loads and t + 2 is looked up
   KVCORE_DYNAMIC_SHARED(unsigned char, smem, 128);
   KVCORE_SHARED(int, s_page, [kSlots][N]);      // page of key k0 + kk, -1: past the split or a bad page
@@ -157,6 +161,9 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t4 = lane % 4;  // fragment row group and column pair
+  const int row0 = SharedRows ? 0 : warp * 16;  // this warp's first row of the Q tile
+  const int key0 = SharedRows ? warp * KW : 0;  // and its first key of each K/V tile
+  static_assert(!(Int4 && SharedRows), "SharedRows takes 16-bit caches");
   const auto* qbase = static_cast<const uint16_t*>(a.q);
 
   // Q tile (rows past nrows are zero). INT4: queries rotated like the cached keys, so scores need
@@ -176,7 +183,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       qs[swizzle<D>(r, d / 8) * 8 + d % 8] = uint16_t(float_bits16<T>(fstage[i]));
     }
   } else {
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+    for (int i = threadIdx.x; i < QR * D; i += kThreads) {
       const int r = i / D, d = i % D;  // q rows may be unaligned (fused QKV slices): 16-bit loads, once
       qs[swizzle<D>(r, d / 8) * 8 + d % 8] =
           r < nrows ? qbase[int64_t(rows[r].token) * a.q_token_stride + int64_t(rows[r].head) * a.q_head_stride + d]
@@ -191,22 +198,21 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
     const int pos = rows[r].position;
     qlo = min(qlo, pos);
     qhi = max(qhi, pos);
-    if (r / 16 == warp) {
+    if (SharedRows || r / 16 == warp) {
       wlo = min(wlo, pos);
       whi = max(whi, pos);
     }
   }
-  const bool warp_active = warp * 16 < nrows;
+  const bool warp_active = row0 < nrows;
   const int last = nrows - 1;
-  const int pos_lo = rows[min(warp * 16 + g, last)].position, pos_hi = rows[min(warp * 16 + g + 8, last)].position;
-  const KeyRange kr = visible_key_range(num_keys, 0, qlo, qhi, p.causal, p.window);
-  const int64_t len = kr.hi - kr.lo;
-  const int begin = int(kr.lo + len * split / num_splits), end = int(kr.lo + len * (split + 1) / num_splits);
+  const int pos_lo = rows[min(row0 + g, last)].position, pos_hi = rows[min(row0 + g + 8, last)].position;
+  const KeyRange kr = decode::split_keys(visible_key_range(num_keys, 0, qlo, qhi, p.causal, p.window), sp);
+  const int begin = int(kr.lo), end = int(kr.hi);
   const int ntiles = (end - begin + N - 1) / N;
   const int window = int(p.window), page_size = int(a.kv.page_size);
   // Scores in base 2: exp(s - m) = 2^(s log2e - m log2e).
   const float scale_log2 = p.scale * kLog2e;
-  const bool soft_cap = p.soft_cap > 0.f;
+  const bool soft_cap = Cap == SoftCap::Runtime ? p.soft_cap > 0.f : Cap == SoftCap::On;
 
   const auto* kbase = static_cast<const uint16_t*>(a.kv.k);
   const auto* vbase = static_cast<const uint16_t*>(a.kv.v);
@@ -269,13 +275,19 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
     } else {
       uint16_t* ks = k_stage(stage);
       uint16_t* vs = v_stage(stage);
-      for (int i = threadIdx.x; i < N * C; i += kThreads) {
+      auto copy = [&](int i) {
         const int kk = i / C, c = i % C;
         const int page = s_page[slot][kk];
         const int dst = swizzle<D>(kk, c) * 8;
         const bool ok = page >= 0;
         ptx::cp_async_16(ks + dst, kbase + (ok ? s_koff[slot][kk] + c * 8 : 0), ok);
         ptx::cp_async_16(vs + dst, vbase + (ok ? s_voff[slot][kk] + c * 8 : 0), ok);
+      };
+      if constexpr (SharedRows) {  // unrolled: decode's tile loop is then the loop around the mma work
+#pragma unroll
+        for (int n = 0; n < kCopies; ++n) copy(threadIdx.x + n * kThreads);
+      } else {
+        for (int i = threadIdx.x; i < N * C; i += kThreads) copy(i);
       }
     }
   };
@@ -326,7 +338,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
 
   // Q fragments (A operand, 16 rows x 16 columns per k-step): lane l addresses row l % 8 (+8 for
   // matrices 1 and 3) at column chunk 2 ks (+1 for matrices 2 and 3).
-  const int a_row = warp * 16 + (lane % 8) + 8 * ((lane / 8) & 1), a_chunk = lane / 16;
+  const int a_row = row0 + (lane % 8) + 8 * ((lane / 8) & 1), a_chunk = lane / 16;
   auto load_q = [&](uint32_t (&qa)[4], int ks) {
     ptx::ldmatrix<4>(qa, qs + swizzle<D>(a_row, 2 * ks + a_chunk) * 8);
   };
@@ -337,7 +349,8 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   }
   // K (B operand of S, [key][d] rows): matrices 0, 1 = keys +0..7 at chunks 2ks, 2ks+1; 2, 3 = keys
   // +8..15. V (B operand of O, ldmatrix.trans of [key][d]): 0, 1 = keys +0..7, +8..15 at chunk 2dp;
-  // 2, 3 the same at chunk 2dp + 1.
+  // 2, 3 the same at chunk 2dp + 1. A warp slice of 8 keys (NB == 1) reads one key block at four
+  // consecutive chunks instead: K for two k-steps, V for four head_dim blocks.
   const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) & 1;
   const int v_row = (lane % 8) + 8 * ((lane / 8) & 1), v_chunk = lane / 16;
 
@@ -367,22 +380,40 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       float s[NB][4];
 #pragma unroll
       for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t qa[4];
+      auto q_step = [&](uint32_t (&qa)[4], int ks) {
         if constexpr (TileT::kQInRegs) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) qa[i] = qf[ks][i];
         } else {
           load_q(qa, ks);
         }
+      };
+      if constexpr (NB == 1) {
 #pragma unroll
-        for (int nb = 0; nb < NB; nb += 2) {
+        for (int ks = 0; ks < D / 16; ks += 2) {
           uint32_t kb[4];
-          ptx::ldmatrix<4>(kb, kt + swizzle<D>(nb * 8 + k_row, 2 * ks + k_chunk) * 8);
-          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-          ptx::mma_m16n8k16<T>(s[nb], qa, b0, s[nb]);
-          ptx::mma_m16n8k16<T>(s[nb + 1], qa, b1, s[nb + 1]);
+          ptx::ldmatrix<4>(kb, kt + swizzle<D>(key0 + lane % 8, 2 * ks + lane / 8) * 8);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t qa[4];
+            q_step(qa, ks + h);
+            const uint32_t b[2] = {kb[2 * h], kb[2 * h + 1]};
+            ptx::mma_m16n8k16<T>(s[0], qa, b, s[0]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          uint32_t qa[4];
+          q_step(qa, ks);
+#pragma unroll
+          for (int nb = 0; nb < NB; nb += 2) {
+            uint32_t kb[4];
+            ptx::ldmatrix<4>(kb, kt + swizzle<D>(key0 + nb * 8 + k_row, 2 * ks + k_chunk) * 8);
+            const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+            ptx::mma_m16n8k16<T>(s[nb], qa, b0, s[nb]);
+            ptx::mma_m16n8k16<T>(s[nb + 1], qa, b1, s[nb + 1]);
+          }
         }
       }
       if constexpr (Int4) {  // K's scale and min per key column
@@ -391,7 +422,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
         for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float2 pr = prm[nb * 8 + 2 * t4 + j];
+            const float2 pr = prm[key0 + nb * 8 + 2 * t4 + j];
             s[nb][j] = pr.x * s[nb][j] + pr.y * qsum[0];
             s[nb][2 + j] = pr.x * s[nb][2 + j] + pr.y * qsum[1];
           }
@@ -406,7 +437,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
         for (int i = 0; i < 4; ++i) {
           float x = soft_cap ? cap_logit(s[nb][i] * p.scale, p.soft_cap) * kLog2e : s[nb][i] * scale_log2;
           if (edge) {
-            const int kk = nb * 8 + 2 * t4 + (i & 1);
+            const int kk = key0 + nb * 8 + 2 * t4 + (i & 1);
             if (s_page[slot][kk] < 0 || !key_visible(k0 + kk, i < 2 ? pos_lo : pos_hi, p.causal, window)) x = -INFINITY;
           }
           s[nb][i] = x;
@@ -442,19 +473,34 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
         o[db][2] *= corr[1];
         o[db][3] *= corr[1];
       }
-      // O += P V: the accumulators of key blocks 2kk, 2kk + 1 are the A fragment of k-step kk.
+      // O += P V: the accumulators of key blocks 2kk, 2kk + 1 are the A fragment of k-step kk. A
+      // single 8-key block is the first half of a k-step, the second half zero in A and in B.
+      if constexpr (NB == 1) {
+        const uint32_t pa[4] = {pack2<VT>(s[0][0], s[0][1]), pack2<VT>(s[0][2], s[0][3]), 0u, 0u};
 #pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        const uint32_t pa[4] = {pack2<VT>(s[2 * kk][0], s[2 * kk][1]), pack2<VT>(s[2 * kk][2], s[2 * kk][3]),
-                                pack2<VT>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack2<VT>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dp = 0; dp < DB; dp += 2) {
+        for (int dp = 0; dp < DB; dp += 4) {
           uint32_t vb[4];
-          ptx::ldmatrix<4, true>(vb, vt + swizzle<D>(kk * 16 + v_row, dp + v_chunk) * 8);
-          const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-          ptx::mma_m16n8k16<VT>(o[dp], pa, b0, o[dp]);
-          ptx::mma_m16n8k16<VT>(o[dp + 1], pa, b1, o[dp + 1]);
+          ptx::ldmatrix<4, true>(vb, vt + swizzle<D>(key0 + lane % 8, dp + lane / 8) * 8);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t b[2] = {vb[j], 0u};
+            ptx::mma_m16n8k16<VT>(o[dp + j], pa, b, o[dp + j]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < NB / 2; ++kk) {
+          const uint32_t pa[4] = {pack2<VT>(s[2 * kk][0], s[2 * kk][1]), pack2<VT>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<VT>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<VT>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+          for (int dp = 0; dp < DB; dp += 2) {
+            uint32_t vb[4];
+            ptx::ldmatrix<4, true>(vb, vt + swizzle<D>(key0 + kk * 16 + v_row, dp + v_chunk) * 8);
+            const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+            ptx::mma_m16n8k16<VT>(o[dp], pa, b0, o[dp]);
+            ptx::mma_m16n8k16<VT>(o[dp + 1], pa, b1, o[dp + 1]);
+          }
         }
       }
     }
@@ -463,13 +509,42 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   ptx::cp_async_wait<0>();
   __syncthreads();  // the K/V stages become the output staging rows
 
-  // Row sums over the quad; O into the staging rows, normalized.
+  // Row sums over the quad.
   float* orow = fstage + warp * 16 * D;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
+  if constexpr (SharedRows) {
+    // Each warp holds the same rows over its quarter of the keys: unnormalized O, m and l into
+    // shared memory, then the four states of each row merged.
+    KVCORE_SHARED(float, s_warp_m, [kWarps][kSharedRows]);
+    KVCORE_SHARED(float, s_warp_l, [kWarps][kSharedRows]);
+#pragma unroll
+    for (int db = 0; db < DB; ++db) {
+      const int d = db * 8 + 2 * t4;
+      orow[g * D + d] = o[db][0];
+      orow[g * D + d + 1] = o[db][1];
+      orow[(g + 8) * D + d] = o[db][2];
+      orow[(g + 8) * D + d + 1] = o[db][3];
+    }
+    if (t4 == 0) {
+      s_warp_m[warp][g] = m[0];
+      s_warp_m[warp][g + 8] = m[1];
+      s_warp_l[warp][g] = l[0];
+      s_warp_l[warp][g + 8] = l[1];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D;
+      const decode::MergedState st = decode::merge_warp_states(&s_warp_m[0][r], &s_warp_l[0][r], kSharedRows,
+                                                               [&](int w) { return fstage[(w * 16 + r) * D + d]; });
+      decode::store_result<D>(a, part, sp, rows[r], d, st.value, st.lse, bf16);
+    }
+    return;
+  }
+  // O into the staging rows, normalized.
   const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
 #pragma unroll
   for (int db = 0; db < DB; ++db) {
@@ -491,17 +566,7 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   for (int rr = 0; rr < 16; ++rr) {
     const int r = warp * 16 + rr;
     if (r >= nrows) break;
-    const float lse = s_lse[r];
-    const int64_t token = rows[r].token, head = rows[r].head;
-    if (part.o) {
-      const int64_t state = (int64_t(part.source_base + split) * a.total_q + token) * p.num_q_heads + head;
-      for (int d = lane; d < D; d += 32) part.o[state * D + d] = orow[rr * D + d];
-      if (lane == 0) part.lse[state] = lse;
-    } else {
-      uint16_t* out = static_cast<uint16_t*>(a.out) + token * a.o_token_stride + head * a.o_head_stride;
-      for (int d = lane; d < D; d += 32) out[d] = uint16_t(float_bits16<T>(orow[rr * D + d]));
-      if (lane == 0 && a.lse) a.lse[token * a.lse_token_stride + head] = lse;
-    }
+    for (int d = lane; d < D; d += 32) decode::store_result<D>(a, part, sp, rows[r], d, orow[rr * D + d], s_lse[r], bf16);
   }
 }
 

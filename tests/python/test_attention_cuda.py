@@ -206,6 +206,26 @@ def test_paged_decode_cuda_more_head_dims(dev, rng, head_dim, heads, page_size, 
     compare_paged(dev, args)
 
 
+@pytest.mark.parametrize("options", [{}, dict(soft_cap=2.0, scale=0.5), dict(window=9, soft_cap=5.0, scale=0.3)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("group", [4, 5, 8])
+@pytest.mark.parametrize("head_dim", [64, 96, 256])
+def test_paged_decode_cuda_gqa_groups(dev, rng, head_dim, group, dtype, options):
+    """Groups of 4 to 8 query heads (the tensor-core decode, rows padded to 16) with soft cap and
+    window, against the CPU."""
+    args = paged_case(rng, dtype, batch=5, hq=2 * group, hkv=2, d=head_dim, page_size=7, max_len=300, decode=True)
+    compare_paged(dev, args, **options)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=True, window=7, soft_cap=5.0, scale=0.3),
+                                     dict(causal=False)])
+def test_paged_prefill_cuda_group_wider_than_a_tile(dev, rng, options):
+    """A group of 72 query heads exceeds a 64-row tensor-core prefill tile: its extend rows run
+    through the decode kernels, 8 heads of one token per CTA."""
+    args = paged_case(rng, "bfloat16", batch=3, hq=72, hkv=1, d=64, page_size=7, max_len=90, decode=False)
+    compare_paged(dev, args, **options)
+
+
 # --- split-KV over long sequences ------------------------------------------------------------------
 
 @pytest.mark.parametrize("options", [{}, dict(window=5000, soft_cap=20.0), dict(scale=0.02)])

@@ -79,12 +79,27 @@ SMEM_RESERVED_PER_CTA = 1024  # the runtime keeps 1 KiB of shared memory per CTA
 DEFAULT_BLOCK = 128  # threads per CTA assumed when a kernel declares no __launch_bounds__
 
 # Dynamic shared memory of the kernels that use it: a C++ expression over the head dim D, evaluated
-# by a host probe that includes the header. Keep in step with the launches in cuda/.
+# by a host probe that includes the header; "/int4" keys are the INT4 instantiations (see
+# dynamic_smem_key). Keep in step with the launches in cuda/.
 DYNAMIC_SMEM = {
     "prefill_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
+    "prefill_tc_kernel/int4": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kInt4Bytes"),
     "prefix_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kBytes"),
+    "prefix_tc_kernel/int4": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}>::kInt4Bytes"),
     "paged_attention_kernel": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kBytes"),
+    "paged_attention_kernel/int4": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kInt4Bytes"),
+    "paged_attention_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}, kvcore::tc::kSharedRows>::kBytes"),
 }
+HEAD_DIMS = (64, 80, 96, 128, 192, 256)
+
+
+def dynamic_smem_key(name: str) -> str:
+    """The DYNAMIC_SMEM key of a kernel instantiation: its base name, plus "/int4" for the INT4 ones
+    (decode: cache type Int4KV; prefill/prefix: the third template argument `true`)."""
+    base = name.split("<")[0]
+    args = [a.strip() for a in name[len(base) + 1:-1].split(",")] if "<" in name else []
+    int4 = "Int4KV" in args or (base in ("prefill_tc_kernel", "prefix_tc_kernel") and len(args) > 2 and args[2] == "true")
+    return base + "/int4" if int4 else base
 
 # Compile flags of the build (cmake/KvcoreCuda.cmake, CMake's Release flags, C++17).
 NVCC_FLAGS = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -557,7 +572,7 @@ def occupancy(arch: str, registers: int, threads: int, smem_bytes: int) -> dict:
 # Dynamic shared memory probe
 
 
-def probe_dynamic_smem(source_root: Path, head_dims=(64, 128, 256)) -> dict[tuple[str, int], int]:
+def probe_dynamic_smem(source_root: Path, head_dims=HEAD_DIMS) -> dict[tuple[str, int], int]:
     """{(kernel base name, D): bytes} for DYNAMIC_SMEM, from a host program that prints the
     expressions; {} when it does not build (a renamed constant: update DYNAMIC_SMEM)."""
     nvcc = find_tool("nvcc")
@@ -613,7 +628,7 @@ def analyze_objects(objects: list[Path], dynamic_smem: dict[tuple[str, int], int
             name = short_name(names.get(mangled, mangled))
             base = name.split("<")[0]
             head_dim = next((int(x) for x in re.findall(r"[<,]\s*(\d+)", name)), None)
-            dyn = dynamic_smem.get((base, head_dim))
+            dyn = dynamic_smem.get((dynamic_smem_key(name), head_dim))
             spills = ptxas.get((mangled, arch), {})
             static_smem = spills.get("smem", _user_shared(arch, r["shared"]))
             features = {FEATURES[op]: any(i.base == op for i in instrs) for op in FEATURES}
