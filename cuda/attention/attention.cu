@@ -207,16 +207,16 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(AttentionArgs
                                      kBlockTableArg);
 }
 
-// Tensor-core decode of a 16-bit GQA group (4..kMaxRows rows), grid and rows as
-// paged_attention_kernel.
-template <int D, typename T, bool Cap>
+// Tensor-core decode of a GQA group (4..kMaxRows rows; T: the cache or, INT4, the query dtype),
+// grid and rows as paged_attention_kernel.
+template <int D, typename T, bool Int4, bool Cap>
 __global__ void __launch_bounds__(tc::kThreads) paged_attention_tc_kernel(AttentionArgs a, TileShape shape,
                                                                           const int32_t* tile_offsets, Partials part,
                                                                           WorkList work, DeviceErrorReport* report) {
   if (cta_report_failed(report)) return;  // metadata failed its debug check
   KVCORE_SHARED(CtaRows, c, );
   if (!setup_rows(a, shape, tile_offsets, work, report, c)) return;
-  tc::attend_rows_tc<D, T, false, true, Cap ? tc::SoftCap::On : tc::SoftCap::Off>(
+  tc::attend_rows_tc<D, T, Int4, true, Cap ? tc::SoftCap::On : tc::SoftCap::Off>(
       a, c.pages, c.b, c.seq, c.kv_head, c.rows, c.nrows, c.sp, part, report, kBlockTableArg);
 }
 
@@ -519,15 +519,18 @@ void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, cons
   auto by_rows = [&](auto t, auto cap) {
     using T = typename decltype(t)::type;
     constexpr bool Cap = decltype(cap)::value;
-    if constexpr (std::is_same_v<T, decode::Int4KV>) {  // INT4: CUDA cores at every group size
-      constexpr size_t smem = decode::Tile<D>::kInt4Bytes;
+    if constexpr (std::is_same_v<T, decode::Int4KV>) {  // INT4: the query dtype picks the mma type
+      const size_t smem = decode::Tile<D>::kInt4Bytes;
       if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, smem);
-      else if (rows <= 4) run(paged_attention_kernel<D, 4, T, Cap>, smem);
-      else run(paged_attention_kernel<D, 8, T, Cap>, smem);
+      else if (rows < 4) run(paged_attention_kernel<D, 4, T, Cap>, smem);
+      else if (a.p.dtype == DType::BFloat16)
+        run(paged_attention_tc_kernel<D, __nv_bfloat16, true, Cap>, tc::Tile<D, tc::kSharedRows>::kInt4Bytes);
+      else
+        run(paged_attention_tc_kernel<D, __half, true, Cap>, tc::Tile<D, tc::kSharedRows>::kInt4Bytes);
     } else {
       if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, decode::Tile<D>::kBytes);
       else if (rows < 4) run(paged_attention_kernel<D, 4, T, Cap>, decode::Tile<D>::kBytes);
-      else run(paged_attention_tc_kernel<D, T, Cap>, tc::Tile<D, tc::kSharedRows>::kBytes);
+      else run(paged_attention_tc_kernel<D, T, false, Cap>, tc::Tile<D, tc::kSharedRows>::kBytes);
     }
   };
   auto by_cap = [&](auto t) {

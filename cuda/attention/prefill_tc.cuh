@@ -65,7 +65,8 @@ struct Tile {
   static constexpr int kCodeCopy = kCodeRow % 16 == 0 ? 16 : 8;  // cp.async size of the code rows
   static constexpr int kCodeCopies = (kKeys * (kCodeRow / kCodeCopy) + kThreads - 1) / kThreads;  // per thread
   static constexpr size_t kStaging = size_t(kKeys) * 2 * kCodeRow;
-  static constexpr size_t kInt4Bytes = kBytes + 2 * kStaging + 2 * size_t(kKeys) * 8;
+  // Decode (QRows = kSharedRows) splits the rotated INT4 queries into two 16-bit tiles, hi + lo.
+  static constexpr size_t kInt4Bytes = kBytes + 2 * kStaging + 2 * size_t(kKeys) * 8 + (QRows == kSharedRows ? kQ : 0);
 };
 
 // The 16-bit chunk index of (row, chunk) in a swizzled tile.
@@ -117,7 +118,6 @@ __device__ __forceinline__ uint4 dequantize8(uint32_t w, uint32_t scale2, uint32
 // sequence; split `sp` of the visible key range, results written as decode::attend_tiled writes
 // them. T is __nv_bfloat16 or __half, the 16-bit cache dtype or (Int4) the query dtype. A bad page
 // entry is reported as argument `table_arg` and its keys are masked out, as decode skips them.
-// SharedRows takes 16-bit caches only.
 //
 // INT4 K tiles hold the exact code values C, and dequantization folds into the scores:
 // S = Q (scale C + min)^T = scale (Q C^T) + min rowsum(Q) per key column, so no rounding of
@@ -152,6 +152,11 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   unsigned char* const staging = smem + TileT::kBytes;
   float2* const s_kprm = reinterpret_cast<float2*>(staging + 2 * TileT::kStaging);
   constexpr int CR = TileT::kCodeRow, CU = TileT::kCodeCopy, CPR = CR / CU, NC = TileT::kCodeCopies;
+  // INT4 decode (QSplit): the rotated queries as hi + lo 16-bit tiles, both multiplied with the exact
+  // codes, so the scores keep ~16 more bits of the float32 queries than one 16-bit tile (the rows'
+  // rounding would otherwise show in every score; prefill accepts it like 16-bit caches do).
+  constexpr bool QSplit = Int4 && SharedRows;
+  uint16_t* const qs_lo = reinterpret_cast<uint16_t*>(staging + 2 * TileT::kStaging + 2 * N * 8);
   // INT4 (scale, min) words, read from global memory by load and used by expand one iteration later:
   // the V pair of each code copy of this thread, the K pair of key threadIdx.x.
   uint32_t vprm[NC], kprm = 0;
@@ -163,24 +168,25 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   const int g = lane / 4, t4 = lane % 4;  // fragment row group and column pair
   const int row0 = SharedRows ? 0 : warp * 16;  // this warp's first row of the Q tile
   const int key0 = SharedRows ? warp * KW : 0;  // and its first key of each K/V tile
-  static_assert(!(Int4 && SharedRows), "SharedRows takes 16-bit caches");
   const auto* qbase = static_cast<const uint16_t*>(a.q);
 
   // Q tile (rows past nrows are zero). INT4: queries rotated like the cached keys, so scores need
   // no un-rotation.
   if constexpr (Int4) {
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+    for (int i = threadIdx.x; i < QR * D; i += kThreads) {
       const int r = i / D, d = i % D;
       fstage[i] = r < nrows ? half_to_float(qbase[int64_t(rows[r].token) * a.q_token_stride +
                                                   int64_t(rows[r].head) * a.q_head_stride + d], bf16)
                             : 0.f;
     }
     __syncthreads();
-    rotate_rows<D>(fstage + warp * 16 * D, 16, lane, a.kv.rot_block, a.kv.rot_signs, false);
+    rotate_rows<D>(fstage + warp * (QR / kWarps) * D, QR / kWarps, lane, a.kv.rot_block, a.kv.rot_signs, false);
     __syncthreads();
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+    for (int i = threadIdx.x; i < QR * D; i += kThreads) {
       const int r = i / D, d = i % D;
-      qs[swizzle<D>(r, d / 8) * 8 + d % 8] = uint16_t(float_bits16<T>(fstage[i]));
+      const uint16_t hi = uint16_t(float_bits16<T>(fstage[i]));
+      qs[swizzle<D>(r, d / 8) * 8 + d % 8] = hi;
+      if constexpr (QSplit) qs_lo[swizzle<D>(r, d / 8) * 8 + d % 8] = uint16_t(float_bits16<T>(fstage[i] - half_to_float(hi, bf16)));
     }
   } else {
     for (int i = threadIdx.x; i < QR * D; i += kThreads) {
@@ -328,9 +334,12 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   // the halves of row l of the warp.
   float qsum[2] = {0.f, 0.f};  // rows g, g + 8
   if constexpr (Int4) {
-    const int r = warp * 16 + lane % 16, d0 = (lane / 16) * (D / 2);
+    const int r = row0 + lane % 16, d0 = (lane / 16) * (D / 2);
     float sum = 0.f;
-    for (int d = d0; d < d0 + D / 2; ++d) sum += half_to_float(qs[swizzle<D>(r, d / 8) * 8 + d % 8], bf16);
+    for (int d = d0; d < d0 + D / 2; ++d) {
+      const int at = swizzle<D>(r, d / 8) * 8 + d % 8;
+      sum += half_to_float(qs[at], bf16) + (QSplit ? half_to_float(qs_lo[at], bf16) : 0.f);
+    }
     sum += __shfl_xor_sync(0xffffffffu, sum, 16);
     qsum[0] = __shfl_sync(0xffffffffu, sum, g);
     qsum[1] = __shfl_sync(0xffffffffu, sum, g + 8);
@@ -339,13 +348,16 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
   // Q fragments (A operand, 16 rows x 16 columns per k-step): lane l addresses row l % 8 (+8 for
   // matrices 1 and 3) at column chunk 2 ks (+1 for matrices 2 and 3).
   const int a_row = row0 + (lane % 8) + 8 * ((lane / 8) & 1), a_chunk = lane / 16;
-  auto load_q = [&](uint32_t (&qa)[4], int ks) {
-    ptx::ldmatrix<4>(qa, qs + swizzle<D>(a_row, 2 * ks + a_chunk) * 8);
+  auto load_q = [&](uint32_t (&qa)[4], int ks, const uint16_t* tile) {
+    ptx::ldmatrix<4>(qa, tile + swizzle<D>(a_row, 2 * ks + a_chunk) * 8);
   };
-  uint32_t qf[TileT::kQInRegs ? D / 16 : 1][4];
+  uint32_t qf[TileT::kQInRegs ? D / 16 : 1][4], qf_lo[TileT::kQInRegs && QSplit ? D / 16 : 1][4];
   if constexpr (TileT::kQInRegs) {
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) load_q(qf[ks], ks);
+    for (int ks = 0; ks < D / 16; ++ks) {
+      load_q(qf[ks], ks, qs);
+      if constexpr (QSplit) load_q(qf_lo[ks], ks, qs_lo);
+    }
   }
   // K (B operand of S, [key][d] rows): matrices 0, 1 = keys +0..7 at chunks 2ks, 2ks+1; 2, 3 = keys
   // +8..15. V (B operand of O, ldmatrix.trans of [key][d]): 0, 1 = keys +0..7, +8..15 at chunk 2dp;
@@ -380,12 +392,12 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       float s[NB][4];
 #pragma unroll
       for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      auto q_step = [&](uint32_t (&qa)[4], int ks) {
+      auto q_step = [&](uint32_t (&qa)[4], int ks, bool lo) {
         if constexpr (TileT::kQInRegs) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) qa[i] = qf[ks][i];
+          for (int i = 0; i < 4; ++i) qa[i] = lo ? qf_lo[QSplit ? ks : 0][i] : qf[ks][i];
         } else {
-          load_q(qa, ks);
+          load_q(qa, ks, lo ? qs_lo : qs);
         }
       };
       if constexpr (NB == 1) {
@@ -396,16 +408,21 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t qa[4];
-            q_step(qa, ks + h);
+            q_step(qa, ks + h, false);
             const uint32_t b[2] = {kb[2 * h], kb[2 * h + 1]};
             ptx::mma_m16n8k16<T>(s[0], qa, b, s[0]);
+            if constexpr (QSplit) {
+              q_step(qa, ks + h, true);
+              ptx::mma_m16n8k16<T>(s[0], qa, b, s[0]);
+            }
           }
         }
       } else {
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-          uint32_t qa[4];
-          q_step(qa, ks);
+          uint32_t qa[4], qa_lo[4];
+          q_step(qa, ks, false);
+          if constexpr (QSplit) q_step(qa_lo, ks, true);
 #pragma unroll
           for (int nb = 0; nb < NB; nb += 2) {
             uint32_t kb[4];
@@ -413,6 +430,10 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
             const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
             ptx::mma_m16n8k16<T>(s[nb], qa, b0, s[nb]);
             ptx::mma_m16n8k16<T>(s[nb + 1], qa, b1, s[nb + 1]);
+            if constexpr (QSplit) {
+              ptx::mma_m16n8k16<T>(s[nb], qa_lo, b0, s[nb]);
+              ptx::mma_m16n8k16<T>(s[nb + 1], qa_lo, b1, s[nb + 1]);
+            }
           }
         }
       }
@@ -540,7 +561,20 @@ __device__ void attend_rows_tc(const AttentionArgs& a, const int32_t* pages, int
       const int r = idx / D, d = idx % D;
       const decode::MergedState st = decode::merge_warp_states(&s_warp_m[0][r], &s_warp_l[0][r], kSharedRows,
                                                                [&](int w) { return fstage[(w * 16 + r) * D + d]; });
-      decode::store_result<D>(a, part, sp, rows[r], d, st.value, st.lse, bf16);
+      if constexpr (Int4) {  // into warp 0's rows (this thread alone read that element)
+        fstage[r * D + d] = st.value;
+        if (d == 0) s_lse[r] = st.lse;
+      } else {
+        decode::store_result<D>(a, part, sp, rows[r], d, st.value, st.lse, bf16);
+      }
+    }
+    if constexpr (Int4) {  // V's rotation undone on the output
+      __syncthreads();
+      rotate_rows<D>(fstage + warp * (kSharedRows / kWarps) * D, kSharedRows / kWarps, lane, a.kv.rot_block,
+                     a.kv.rot_signs, true);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads)
+        decode::store_result<D>(a, part, sp, rows[idx / D], idx % D, fstage[idx], s_lse[idx / D], bf16);
     }
     return;
   }
