@@ -2,8 +2,10 @@
 //
 // Decode (memory-bound): a CTA takes the GQA group of one request's KV head (up to kMaxRows query
 // rows) and streams the visible keys once, its warps splitting the keys. One to three rows run on
-// CUDA cores, lanes splitting head_dim; wider 16-bit groups run on tensor cores, the rows padded to
-// one 16-row mma operand that all warps share (prefill_tc.cuh, SharedRows). Prefill/extend and
+// CUDA cores, lanes splitting head_dim (decode.cuh); wider groups run on tensor cores, the rows
+// padded to one 16-row mma operand that all warps share (prefill_tc.cuh, SharedRows). INT4 caches
+// take the same kernels: codes stream through the cp.async pipelines and dequantization folds into
+// the scores (scale q.codes + min sum q). Prefill/extend and
 // the stacked-query prefix pass of shared-prefix attention run on tensor cores (prefill_tc.cuh):
 // 64 query rows per CTA against shared-memory K/V tiles. Long sequences are split across CTAs (split-KV) into float partial
 // states that a merge kernel combines in a fixed order (deterministic). The split count depends

@@ -89,16 +89,19 @@ DYNAMIC_SMEM = {
     "paged_attention_kernel": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kBytes"),
     "paged_attention_kernel/int4": ("attention/decode.cuh", "kvcore::decode::Tile<{D}>::kInt4Bytes"),
     "paged_attention_tc_kernel": ("attention/prefill_tc.cuh", "kvcore::tc::Tile<{D}, kvcore::tc::kSharedRows>::kBytes"),
+    "paged_attention_tc_kernel/int4": ("attention/prefill_tc.cuh",
+                                       "kvcore::tc::Tile<{D}, kvcore::tc::kSharedRows>::kInt4Bytes"),
 }
 HEAD_DIMS = (64, 80, 96, 128, 192, 256)
 
 
 def dynamic_smem_key(name: str) -> str:
     """The DYNAMIC_SMEM key of a kernel instantiation: its base name, plus "/int4" for the INT4 ones
-    (decode: cache type Int4KV; prefill/prefix: the third template argument `true`)."""
+    (CUDA-core decode: cache type Int4KV; the tensor-core kernels: the third template argument `true`)."""
     base = name.split("<")[0]
     args = [a.strip() for a in name[len(base) + 1:-1].split(",")] if "<" in name else []
-    int4 = "Int4KV" in args or (base in ("prefill_tc_kernel", "prefix_tc_kernel") and len(args) > 2 and args[2] == "true")
+    tensor_core = base in ("prefill_tc_kernel", "prefix_tc_kernel", "paged_attention_tc_kernel")
+    int4 = "Int4KV" in args or (tensor_core and len(args) > 2 and args[2] == "true")
     return base + "/int4" if int4 else base
 
 # Compile flags of the build (cmake/KvcoreCuda.cmake, CMake's Release flags, C++17).
