@@ -524,14 +524,14 @@ void launch_paged_d(const AttentionArgs& a, cudaStream_t stream, dim3 grid, cons
     if constexpr (std::is_same_v<T, decode::Int4KV>) {  // INT4: the query dtype picks the mma type
       const size_t smem = decode::Tile<D>::kInt4Bytes;
       if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, smem);
-      else if (rows < 4) run(paged_attention_kernel<D, 4, T, Cap>, smem);
+      else if (rows < 4) run(paged_attention_kernel<D, 3, T, Cap>, smem);
       else if (a.p.dtype == DType::BFloat16)
         run(paged_attention_tc_kernel<D, __nv_bfloat16, true, Cap>, tc::Tile<D, tc::kSharedRows>::kInt4Bytes);
       else
         run(paged_attention_tc_kernel<D, __half, true, Cap>, tc::Tile<D, tc::kSharedRows>::kInt4Bytes);
     } else {
       if (rows <= 1) run(paged_attention_kernel<D, 1, T, Cap>, decode::Tile<D>::kBytes);
-      else if (rows < 4) run(paged_attention_kernel<D, 4, T, Cap>, decode::Tile<D>::kBytes);
+      else if (rows < 4) run(paged_attention_kernel<D, 3, T, Cap>, decode::Tile<D>::kBytes);
       else run(paged_attention_tc_kernel<D, T, false, Cap>, tc::Tile<D, tc::kSharedRows>::kBytes);
     }
   };
