@@ -21,7 +21,12 @@
 #include "kvcore/detail/float16.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 // GCC 12's AVX-512 intrinsics start from `__m512 __Y = __Y;` (an undefined vector), which
@@ -240,6 +245,11 @@ struct V {
 
 #include "attention_kernel.inc"
 
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8")
+#include "attention_int4_amx.inc"
+#pragma GCC pop_options
+
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -248,12 +258,31 @@ struct V {
 // --- selection -------------------------------------------------------------------------------------
 namespace {
 
+// AMX-INT8 in the CPU, its tile state enabled by the OS (XCR0), and the tile data granted to this
+// process (Linux asks for it once per process: ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool amx_usable() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+  if (!tile || !int8) return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG and XTILEDATA
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
 Isa best_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::Avx512;
+    return amx_usable() ? Isa::Avx512Amx : Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::Avx2;
 #endif
@@ -268,6 +297,7 @@ Isa select_isa() {
   if (!std::strcmp(env, "generic")) want = Isa::Generic;
   else if (!std::strcmp(env, "avx2")) want = Isa::Avx2;
   else if (!std::strcmp(env, "avx512")) want = Isa::Avx512;
+  else if (!std::strcmp(env, "amx")) want = Isa::Avx512Amx;
   return int(want) < int(best) ? want : best;
 }
 
@@ -280,6 +310,7 @@ Isa cpu_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Amx: return "amx";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "generic";
@@ -289,6 +320,10 @@ const char* isa_name(Isa isa) {
 void attend_partial(const AttendTask& task) {
   switch (cpu_isa()) {
 #if defined(__x86_64__)
+    case Isa::Avx512Amx:
+      // INT4 of the decode form (rows < lanes) on tiles; the rest as AVX-512.
+      if (task.kv->int4 && task.rows < 16 && task.p->head_dim <= 512) return avx512::amx_int4::attend(task);
+      return avx512::attend_partial(task);
     case Isa::Avx512: return avx512::attend_partial(task);
     case Isa::Avx2: return avx2::attend_partial(task);
 #endif

@@ -4,10 +4,11 @@
 // vectorize it).
 //
 // The instruction set is picked once per process: the best one the CPU (and OS) supports, or the
-// one named by KVCORE_CPU_ISA (generic, avx2, avx512) when that is supported (a request for an
-// unsupported one falls back to the best below it). Within a process results are deterministic and
-// independent of the thread count; different instruction sets round differently (fused multiply-add,
-// vector widths), all within the float32-accumulation tolerances.
+// one named by KVCORE_CPU_ISA (generic, avx2, avx512, amx: AVX-512 plus AMX-INT8 tiles for INT4
+// decode) when that is supported (a request for an unsupported one falls back to the best below it).
+// Within a process results are deterministic and independent of the thread count; different
+// instruction sets round differently (fused multiply-add, vector widths, INT4 queries and weights
+// as 24-bit integers on AMX), all within the float32-accumulation tolerances.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +17,7 @@
 
 namespace kvcore::cpu {
 
-enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Amx = 3 };
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 
@@ -53,6 +54,9 @@ void attend_partial(const AttendTask& task);
 }
 namespace avx512 {
 void attend_partial(const AttendTask& task);
+namespace amx_int4 {
+void attend(const AttendTask& task);  // INT4, rows < 16: AMX-INT8 tile products
+}
 }
 #endif
 
