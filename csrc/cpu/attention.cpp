@@ -20,6 +20,10 @@ namespace {
 // keys; rows that few (decode) are split over fixed key ranges of kSplitKeys, merged in key order.
 // Both depend only on the shapes, so results do not depend on the number of threads.
 constexpr int64_t kRowsPerItem = 128;
+// Calls with fewer items than this get smaller ones (down to kMinRowsPerItem rows): a few long
+// items leave threads idle at the end and while the pool wakes up.
+constexpr int64_t kMinItems = 8;
+constexpr int64_t kMinRowsPerItem = 64;
 constexpr int64_t kSplitKeys = 512;
 constexpr int64_t kSplitMaxRows = 16;
 constexpr int64_t kInlineWork = 16384;  // query rows x keys below which a call stays on one thread
@@ -202,7 +206,14 @@ template <class Emit>
 void paged_attention(const AttentionArgs& a, Emit emit) {
   const AttentionParams& p = a.p;
   const int64_t group = p.num_q_heads / p.num_kv_heads, d = p.head_dim;
-  const int64_t tokens_per_item = std::max<int64_t>(1, kRowsPerItem / group);
+  int64_t tokens_per_item = std::max<int64_t>(1, kRowsPerItem / group);
+  for (;;) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < p.batch; ++b)
+      n += (query_range(a, b).count + tokens_per_item - 1) / tokens_per_item * p.num_kv_heads;
+    if (n >= kMinItems || tokens_per_item == 1 || (tokens_per_item / 2) * group < kMinRowsPerItem) break;
+    tokens_per_item /= 2;
+  }
   struct Item {
     int64_t b, kv_head, t0, nt, k_lo, k_hi;
     int64_t state;   // first row of this item's partial state, or -1: not split
