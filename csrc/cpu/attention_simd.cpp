@@ -30,9 +30,11 @@
 #endif
 
 // GCC 12's AVX-512 intrinsics start from `__m512 __Y = __Y;` (an undefined vector), which
-// -Wmaybe-uninitialized reports once they are inlined here under the sanitizers.
+// -Wmaybe-uninitialized (and, for _mm512_unpacklo_epi32, -Wuninitialized) reports once they are
+// inlined here under the sanitizers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace kvcore::cpu {
